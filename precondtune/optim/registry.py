@@ -1,0 +1,290 @@
+"""The one optimizer registry: ``name -> OptimizerSpec``, and the shared base every bundled optimizer uses.
+
+An optimizer module under ``precondtune/optim/`` defines ``SPEC = OptimizerSpec(...)``; the registry finds
+every such module itself, so adding an optimizer is adding its module. Names are case-insensitive and ignore
+``-``/``_``/``+`` (``adam-mini``, ``AdamMini`` and ``adam_mini`` are one optimizer; ``adadiag++`` is ``adadiag-pp``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError, UnknownNameError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from ..inventory import ParamInfo
+
+ALL_ROLES = frozenset({"matrix", "embedding", "head", "vector", "conv", "batched"})
+MATRIX_ROLES = frozenset({"matrix", "conv"})
+"""Roles a matrix-only optimizer updates by default (public practice: Muon on hidden matrices and flattened
+convs; AdamW for embeddings, the head and vectors — Keller Jordan's Muon README, Moonlight 2502.16982)."""
+
+CANONICAL_ORDER = (
+    "adamw", "adafactor", "adam-mini", "shampoo", "soap", "muon", "sophia", "iso", "iso-adam",
+    "adadiag", "adadiag-pp", "adafac-diag", "hfac", "hfac-diag", "galore",
+)
+
+
+def normalize(name: str) -> str:
+    """The lookup key of a name: lower case, ``++`` -> ``pp``, without ``-``/``_``/spaces."""
+    return re.sub(r"[-_\s]", "", name.strip().lower().replace("++", "pp").replace("+", "p"))
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one optimizer step for one parameter.
+
+    ``matmul`` is what ``torch.utils.flop_counter.FlopCounterMode`` counts on an ordinary step;
+    ``refresh_matmul`` the extra matmul FLOPs on a refresh step (also counted by FlopCounterMode);
+    ``refresh_other`` documented operation counts of decompositions (eigh, QR, SVD) FlopCounterMode does not
+    count; ``every`` the refresh period in steps (0: never refreshes).
+    """
+
+    matmul: int = 0
+    refresh_matmul: int = 0
+    refresh_other: int = 0
+    every: int = 0
+
+    @property
+    def refresh(self) -> int:
+        return self.refresh_matmul + self.refresh_other
+
+    @property
+    def amortized(self) -> float:
+        """Per-step FLOPs with refreshes spread over their period."""
+        return self.matmul + (self.refresh / self.every if self.every else 0.0)
+
+    def __add__(self, other: StepFlops) -> StepFlops:
+        every = self.every or other.every
+        return StepFlops(self.matmul + other.matmul, self.refresh_matmul + other.refresh_matmul,
+                         self.refresh_other + other.refresh_other, every)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A config transferred from a tuned AdamW, with the rule in one line and its source."""
+
+    config: Any
+    rule: str
+    source: str
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything precondtune knows about one optimizer (STYLE.md: all of it lives in the optimizer's module).
+
+    ``state_bytes(shape, dtype, config, info)`` is exact: it equals the bytes the optimizer keeps in
+    ``optimizer.state`` for one parameter of that shape and dtype (``info`` carries the role and structure,
+    e.g. attention heads, for optimizers whose state depends on them). ``step_flops(shape, config)`` gives
+    :class:`StepFlops`. ``search_space(trial)`` returns a Config (Optuna's define-by-run idiom).
+    ``from_adamw(lr=, betas=, eps=, weight_decay=)`` returns a :class:`Transfer`.
+    """
+
+    name: str
+    family: str
+    paper: str
+    config_cls: type
+    optimizer_cls: type[torch.optim.Optimizer]
+    state_bytes: Callable[..., int]
+    step_flops: Callable[..., StepFlops]
+    search_space: Callable[[optuna.Trial], Any]
+    from_adamw: Callable[..., Transfer]
+    state_formula: str
+    refresh_knobs: tuple[str, ...] = ()
+    roles: frozenset[str] = ALL_ROLES
+    aliases: tuple[str, ...] = ()
+    make: Callable[..., torch.optim.Optimizer] | None = None
+    """Optional ``make(groups, model, **hp) -> Optimizer`` for optimizers that need the model (hooks)."""
+    notes: str = ""
+
+    def default_config(self) -> Any:
+        return self.config_cls()
+
+    def config(self, **hyperparameters: Any) -> Any:
+        """A validated Config; unknown keys name themselves and the valid ones."""
+        return make_config(self.config_cls, hyperparameters, where=self.name)
+
+
+def make_config(config_cls: type, hyperparameters: Mapping[str, Any], *, where: str) -> Any:
+    """``config_cls(**hyperparameters)`` with unknown keys and bad values reported by name."""
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = [k for k in hyperparameters if k not in valid]
+    if unknown:
+        raise ConfigError(f"{where}: unknown hyperparameter {unknown[0]!r}; valid: {', '.join(valid)}")
+    hp = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyperparameters.items()}
+    try:
+        return config_cls(**hp)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A Config as a plain dict (tuples kept), for param groups and YAML."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def check_range(name: str, value: Any, ok: bool, allowed: str) -> None:
+    """Config validation helper: raise ``ValueError`` naming the field and its allowed range."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+
+
+class PrecondOptimizer(torch.optim.Optimizer):
+    """Base of the bundled optimizers: hyperparameters come from a frozen Config, validated per group.
+
+    Subclasses set ``Config`` and implement ``_step_group(group, config)``. Sparse gradients are refused,
+    parameters without gradients skipped, and ``step(closure)`` follows torch's convention.
+    """
+
+    Config: type
+
+    def __init__(self, params: Iterable[Any], **hyperparameters: Any) -> None:
+        config = make_config(self.Config, hyperparameters, where=type(self).__name__)
+        super().__init__(params, config_dict(config))
+        for group in self.param_groups:
+            self.group_config(group)  # validate per-group overrides now, not at the first step
+
+    def group_config(self, group: dict[str, Any]) -> Any:
+        """The validated Config of one param group (group keys override the defaults)."""
+        keys = [f.name for f in dataclasses.fields(self.Config)]
+        return make_config(self.Config, {k: group[k] for k in keys if k in group}, where=type(self).__name__)
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ConfigError(f"{type(self).__name__} does not support sparse gradients; use dense gradients "
+                                  "(e.g. nn.Embedding(sparse=False))")
+            out.append(p)
+        return out
+
+    def _step_group(self, group: dict[str, Any], config: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group, self.group_config(group))
+        return loss
+
+
+class Routed(torch.optim.Optimizer):
+    """Several bundled optimizers behind one ``torch.optim.Optimizer``, each owning some param groups.
+
+    The parts share this optimizer's ``param_groups`` dicts and ``state``, so LR schedulers, ``zero_grad``,
+    ``state_dict``/``load_state_dict`` and checkpointing see one optimizer.
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
+        groups = [g for part in parts for g in part.param_groups]
+        super().__init__(groups, defaults={})
+        self.parts = parts
+        self._relink()
+
+    def _relink(self) -> None:
+        k = 0
+        for part in self.parts:
+            n = len(part.param_groups)
+            part.param_groups = self.param_groups[k:k + n]
+            part.state = self.state
+            k += n
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._relink()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def __repr__(self) -> str:
+        return "Routed(" + ", ".join(type(p).__name__ for p in self.parts) + ")"
+
+
+@cache
+def _discover() -> dict[str, OptimizerSpec]:
+    from .. import optim as package
+
+    specs: dict[str, OptimizerSpec] = {}
+    for mod in pkgutil.iter_modules(package.__path__):
+        if mod.name.startswith("_") or mod.name in {"registry", "routing", "kernels"}:
+            continue
+        module = importlib.import_module(f"{package.__name__}.{mod.name}")
+        for value in vars(module).values():
+            if isinstance(value, OptimizerSpec):
+                specs[value.name] = value
+    order = {n: k for k, n in enumerate(CANONICAL_ORDER)}
+    return dict(sorted(specs.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def available() -> list[str]:
+    """Canonical names of the bundled optimizers."""
+    return list(_discover())
+
+
+def specs() -> list[OptimizerSpec]:
+    return list(_discover().values())
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The spec of ``name`` (any spelling or alias); an unknown name lists the valid ones."""
+    key = normalize(name)
+    for spec in _discover().values():
+        if key == normalize(spec.name) or key in {normalize(a) for a in spec.aliases}:
+            return spec
+    raise UnknownNameError("optimizer", name, available())
+
+
+def resolve_names(names: str | Iterable[str]) -> list[str]:
+    """``"all"`` / ``"muon,soap"`` / a list -> canonical names, unknown ones rejected with the valid list."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    names = list(names)
+    if any(normalize(n) == "all" for n in names):
+        return available()
+    out: list[str] = []
+    for n in names:
+        canon = get_spec(n).name
+        if canon not in out:
+            out.append(canon)
+    if not out:
+        raise ConfigError(f"no optimizer given; pass --optimizer NAME[,NAME...] or all ({', '.join(available())})")
+    return out
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One routing rule: parameters whose role full-matches ``match`` (and whose name contains a match of
+    ``name``, if given) go to ``optimizer`` with ``hyperparameters``. Ordered; the first match wins."""
+
+    match: str
+    optimizer: str
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    def matches(self, info: ParamInfo) -> bool:
+        if not re.fullmatch(self.match, info.role):
+            return False
+        return self.name is None or re.search(self.name, info.name) is not None
