@@ -1,0 +1,133 @@
+"""What every command shares: option types, error handling, JSON/table output and progress on stderr.
+
+Commands stay thin (STYLE.md): parse options, call one library function, render. Errors a user can fix are
+:class:`PrecondtuneError`s, printed as one line on stderr with a non-zero exit; ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import PrecondtuneError
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class Sharding(str, Enum):
+    none = "none"
+    zero1 = "zero1"
+    zero2 = "zero2"
+    fsdp = "fsdp"
+
+
+ModelArg = Annotated[str, typer.Argument(help="Model file (path/to/model.py or path/to/model.py:factory).",
+                                         show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", help="Plan for this GPU profile (see `precondtune gpus`).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size passed to sample_batch.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", "-o", help="NAME[,NAME...] or all.")]
+ParamDtypeOpt = Annotated[str, typer.Option("--param-dtype", help="fp32, bf16, fp16.")]
+StateDtypeOpt = Annotated[str | None, typer.Option("--state-dtype", help="Optimizer state dtype (default: param dtype).")]
+WorldSizeOpt = Annotated[int, typer.Option("--world-size", help="GPUs sharing the job.")]
+ShardingOpt = Annotated[Sharding, typer.Option("--sharding", help="none, zero1, zero2 or fsdp.")]
+
+
+@contextmanager
+def handle_errors(debug: bool) -> Iterator[None]:
+    """Turn user-fixable errors into one stderr line and an exit code; anything else into a short message."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except PrecondtuneError as e:
+        if debug:
+            raise
+        stderr.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted", highlight=False)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if debug:
+            raise
+        msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+        stderr.print(f"[red]error:[/red] {msg} (rerun with --debug for the traceback)", highlight=False,
+                     soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):
+        return _plain(v.item())
+    return v
+
+
+def emit_json(doc: dict[str, Any]) -> None:
+    """The one JSON document on stdout (non-finite floats become null)."""
+    sys.stdout.write(json.dumps(_plain(doc), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]], *, caption: str | None = None) -> Table:
+    t = Table(title=title, caption=caption, title_justify="left")
+    for k, c in enumerate(columns):
+        t.add_column(c, justify="left" if k == 0 else "right")
+    for r in rows:
+        t.add_row(*(str(x) for x in r))
+    return t
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_count(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for suffix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+@contextmanager
+def progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar on stderr; yields ``update(description, done, total)``."""
+    if not enabled:
+        yield lambda desc, done, total: None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=stderr, transient=True)
+    tasks: dict[str, Any] = {}
+    with bar:
+        def update(desc: str, done: int, total: int) -> None:
+            if desc not in tasks:
+                tasks[desc] = bar.add_task(desc, total=total)
+            bar.update(tasks[desc], completed=done, total=total)
+        yield update
