@@ -1,0 +1,84 @@
+"""`precondtune gpus` with and without NVML, and hardware profiles."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+from typer.testing import CliRunner
+
+from precondtune.cli import app
+from precondtune.errors import UnknownNameError
+from precondtune.hardware import profiles, resolve_profile
+
+runner = CliRunner()
+REQUIRED = ["h100-sxm-80gb", "h100-pcie-80gb", "h200-141gb", "a100-40gb", "a100-80gb", "l40s", "l4", "a10g",
+            "rtx-4090", "rtx-3090", "v100-32gb"]
+
+
+def test_profiles_present_with_sources():
+    found = profiles()
+    for name in REQUIRED:
+        prof = found[name]
+        for fig in (prof.memory_bytes, prof.memory_bandwidth, prof.bf16_flops, prof.fp32_flops):
+            assert fig.value > 0 and len(fig.source) > 10
+
+
+@pytest.mark.parametrize("spelling", ["h100", "H100-SXM-80GB", "h100_sxm_80gb", "NVIDIA H100 SXM5"])
+def test_forgiving_names(spelling):
+    assert resolve_profile(spelling).name == "h100-sxm-80gb"
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(UnknownNameError, match="a100-40gb"):
+        resolve_profile("tpu-v5")
+
+
+class _Mem:
+    total, free = 80 * 2**30, 79 * 2**30
+
+
+def _fake_pynvml(count: int, fail_init: bool = False) -> types.ModuleType:
+    m = types.ModuleType("pynvml")
+
+    def init():
+        if fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    m.nvmlInit = init
+    m.nvmlShutdown = lambda: None
+    m.nvmlSystemGetDriverVersion = lambda: "550.54.15"
+    m.nvmlDeviceGetCount = lambda: count
+    m.nvmlDeviceGetHandleByIndex = lambda i: i
+    m.nvmlDeviceGetName = lambda h: "NVIDIA H100 80GB HBM3"
+    m.nvmlDeviceGetMemoryInfo = lambda h: _Mem()
+    m.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
+    return m
+
+
+def test_gpus_with_nvml(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(2))
+    r = runner.invoke(app, ["gpus", "--json"])
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    assert [g["name"] for g in doc["gpus"]] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert doc["gpus"][0]["profile"] == "h100-sxm-80gb" and doc["gpus"][0]["compute_capability"] == "9.0"
+    assert doc["gpus"][0]["memory_total"] == 80 * 2**30 and doc["gpus"][0]["driver"] == "550.54.15"
+    r = runner.invoke(app, ["gpus"])
+    assert "H100" in r.stdout and "9.0" in r.stdout
+
+
+@pytest.mark.parametrize("fail_init,count", [(True, 0), (False, 0)])
+def test_gpus_without_nvml_says_so_and_exits_0(monkeypatch, fail_init, count):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(count, fail_init))
+    r = runner.invoke(app, ["gpus"])
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[0].startswith("no NVIDIA GPU found; planning for --gpu PROFILE or CPU")
+
+
+def test_optimizers_command_lists_registry():
+    r = runner.invoke(app, ["optimizers", "--json"])
+    assert r.exit_code == 0
+    names = [o["name"] for o in json.loads(r.stdout)["optimizers"]]
+    assert "adamw" in names

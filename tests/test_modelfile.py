@@ -1,0 +1,114 @@
+"""The model-file contract: every bad input answers with one clear line on stderr and exit code 2."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from conftest import EXAMPLES
+from typer.testing import CliRunner
+
+from precondtune.cli import app
+
+runner = CliRunner()
+
+GOOD_TAIL = """
+import torch
+def sample_batch(batch_size):
+    return torch.randn(batch_size, 4)
+"""
+
+CASES = {
+    "syntax_error": ("def build_model(:\n    pass\n", "syntax error"),
+    "import_error": ("import precondtune_no_such_package\n", "No module named"),
+    "raises_on_import": ("raise RuntimeError('boom at import')\n", "boom at import"),
+    "no_factory": ("x = 1\n", "neither build_model() nor a module-level `model`"),
+    "not_a_module": ("def build_model():\n    return 42\n", "not a torch.nn.Module"),
+    "needs_arguments": ("def build_model(width):\n    return None\n", "needs arguments (width)"),
+    "factory_raises": ("def build_model():\n    raise ValueError('bad width 0')\n", "bad width 0"),
+    "no_sample_batch": ("import torch\ndef build_model():\n    return torch.nn.Linear(4, 1)\n",
+                        "defines no sample_batch"),
+    "forward_raises": (
+        "import torch\nclass M(torch.nn.Module):\n    def forward(self, x):\n"
+        "        raise RuntimeError('shape mismatch in my block')\n"
+        "def build_model():\n    return M()\n" + GOOD_TAIL, "shape mismatch in my block"),
+    "non_scalar_loss": ("import torch\ndef build_model():\n    return torch.nn.Linear(4, 2)\n" + GOOD_TAIL,
+                        "not a scalar"),
+    "nan_loss": (
+        "import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.ones(4))\n    def forward(self, x):\n"
+        "        return (x * self.w).sum() * float('nan')\n"
+        "def build_model():\n    return M()\n" + GOOD_TAIL, "loss is nan"),
+    "backward_raises": (
+        "import torch\nclass Bad(torch.autograd.Function):\n    @staticmethod\n    def forward(ctx, x):\n"
+        "        return x.clone()\n    @staticmethod\n    def backward(ctx, g):\n"
+        "        raise RuntimeError('no gradient for this op')\n"
+        "class M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.ones(4))\n    def forward(self, x):\n"
+        "        return Bad.apply(x * self.w).sum()\n"
+        "def build_model():\n    return M()\n" + GOOD_TAIL, "no gradient for this op"),
+}
+
+
+def _check_one_line_error(result, expected: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip()
+    assert "Traceback" not in err and "Traceback" not in result.stdout
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_model_file_gets_one_line_and_exit_2(tmp_path, case):
+    source, expected = CASES[case]
+    path = tmp_path / f"{case}.py"
+    path.write_text(textwrap.dedent(source))
+    result = runner.invoke(app, ["profile", str(path), "--steps", "1"])
+    _check_one_line_error(result, expected)
+    assert str(path) in result.stderr.replace("\n", "") or case in result.stderr
+
+
+def test_missing_file(tmp_path):
+    result = runner.invoke(app, ["profile", str(tmp_path / "nope.py")])
+    _check_one_line_error(result, "no such file")
+
+
+def test_unknown_factory_name():
+    result = runner.invoke(app, ["profile", f"{EXAMPLES / 'mlp.py'}:make_it"])
+    _check_one_line_error(result, "has no callable 'make_it'")
+
+
+def test_named_factory_and_module_level_model(tmp_path):
+    path = tmp_path / "two.py"
+    path.write_text("import torch\nmodel = torch.nn.Linear(4, 1)\n"
+                    "def small():\n    return torch.nn.Linear(2, 1)\n"
+                    "def sample_batch(n):\n    return torch.randn(n, 4)\n"
+                    "def loss_fn(m, b):\n    return m(b[..., :m.in_features]).square().mean()\n")
+    r1 = runner.invoke(app, ["profile", str(path), "--json", "--steps", "1"])
+    r2 = runner.invoke(app, ["profile", f"{path}:small", "--json", "--steps", "1"])
+    assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)
+    assert '"parameters": 5' in r1.stdout and '"parameters": 3' in r2.stdout
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(CASES["factory_raises"][0])
+    result = runner.invoke(app, ["profile", str(path), "--debug"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, Exception) and "bad width 0" in str(result.exception)
+
+
+def test_default_loss_uses_dot_loss_and_mapping(tmp_path):
+    from precondtune.modelfile import load_model_file
+
+    path = tmp_path / "hf_like.py"
+    path.write_text(
+        "import torch\nclass Out:\n    def __init__(self, loss):\n        self.loss = loss\n"
+        "class M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(4, 1)\n"
+        "    def forward(self, input_ids, labels):\n        return Out((self.lin(input_ids) - labels).square().mean())\n"
+        "def build_model():\n    return M()\n"
+        "def sample_batch(n):\n    return {'input_ids': torch.randn(n, 4), 'labels': torch.randn(n, 1)}\n")
+    mf = load_model_file(path)
+    model = mf.build()
+    loss = mf.loss(model, mf.sample_batch(3))
+    assert loss.dim() == 0 and loss.requires_grad
