@@ -39,7 +39,7 @@ def _train(model, opt, loss_of, steps: int) -> list[float]:
         loss = loss_of()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
