@@ -55,27 +55,25 @@ class Config:
                     "an integer >= 1")
 
 
-def refresh_basis_(state: dict[str, Any], g: torch.Tensor, *, two_sided: bool,
-                   moments: tuple[str, ...] = (), diagonal: tuple[str, ...] = ()) -> None:
-    """Recompute ``state["P"]`` (and ``"Q"``) from the oriented gradient ``g``; keep the old basis when the SVD
-    cannot be computed. ``moments`` (first moments) and ``diagonal`` (diagonal second moments) name m×n states
-    to move into the new basis; empty for Algorithm 1's carry-over. Shared by AdafacDiag and HfacDiag."""
+def refresh_basis_(state: dict[str, Any], g: torch.Tensor, *, two_sided: bool, transitions: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Recompute ``state["P"]`` (and ``"Q"``) from the oriented gradient ``g``, keeping the old basis when the SVD
+    cannot be computed. With ``transitions``, returns R_L = P_newᵀ P_old and R_R = Q_oldᵀ Q_new (in ``g``'s
+    dtype) so the caller can move its moments; ``None`` when the basis did not change. Shared by AdafacDiag and
+    HfacDiag."""
     basis = svd_basis.svd_basis(g, two_sided=two_sided)
     if basis is None:
-        return
+        return None
     p_new, q_new = basis
-    if moments or diagonal:
-        cd = svd_basis.compute_dtype(g.dtype)
-        r_left, r_right = svd_basis.transitions(
-            p_new.to(cd), state["P"].to(cd), None if q_new is None else q_new.to(cd),
-            state["Q"].to(cd) if two_sided else None)
-        for key in moments:
-            state[key].copy_(svd_basis.project_linear(state[key].to(cd), r_left, r_right))
-        for key in diagonal:
-            state[key].copy_(svd_basis.project_diagonal(state[key].to(cd), r_left, r_right))
+    moves = None
+    if transitions:
+        moves = svd_basis.transitions(p_new.to(g.dtype), state["P"].to(g.dtype),
+                                      None if q_new is None else q_new.to(g.dtype),
+                                      state["Q"].to(g.dtype) if two_sided else None)
     state["P"].copy_(p_new)
     if two_sided:
         state["Q"].copy_(q_new)
+    return moves
 
 
 def init_basis(state: dict[str, Any], g: torch.Tensor, dtype: torch.dtype, *, two_sided: bool) -> None:
@@ -107,9 +105,10 @@ class AdaDiag(PrecondOptimizer):
             state["step"] += 1
             t = state["step"]
             if (t - 1) % c.svd_every == 0:
-                moved = ("exp_avg",) if c.project_moments and t > 1 else ()
-                refresh_basis_(state, g, two_sided=self.two_sided, moments=moved,
-                               diagonal=("exp_avg_sq",) if moved else ())
+                moves = refresh_basis_(state, g, two_sided=self.two_sided, transitions=c.project_moments and t > 1)
+                if moves is not None:
+                    state["exp_avg"].copy_(svd_basis.project_linear(state["exp_avg"].to(cd), *moves))
+                    state["exp_avg_sq"].copy_(svd_basis.project_diagonal(state["exp_avg_sq"].to(cd), *moves))
             basis_p = state["P"].to(cd)
             basis_q = state["Q"].to(cd) if self.two_sided else None
             g_rot = svd_basis.rotate(g, basis_p, basis_q)
