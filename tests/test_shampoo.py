@@ -175,3 +175,22 @@ def test_transfer_and_search_space():
                                                          "eps": 1e-10, "precondition_frequency": 20,
                                                          "weight_decay": 0.0}))
     assert cfg.precondition_frequency == 20 and cfg.betas == pytest.approx((0.9, 0.99))
+
+
+def test_preconditioned_steps_decrease_a_least_squares_loss():
+    """The conformance table runs defaults (f = 100: 40 steps stay on the grafted Adam path); here Shampoo's
+    own direction is on from step 5."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 4)
+    opt = po.build("shampoo", model, precondition_frequency=5, lr=1e-2)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad(set_to_none=True)
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.1 * losses[0], losses
+    assert not torch.equal(opt.state[model[0].weight]["roots"][0], torch.eye(16))
