@@ -131,3 +131,26 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
                 tasks[desc] = bar.add_task(desc, total=total)
             bar.update(tasks[desc], completed=done, total=total)
         yield update
+
+# Search options (`tune`, `plan`; SPEC.md "Search options").
+TrialsOpt = Annotated[int, typer.Option("--trials", min=0, help="New trials to run (added to the study's count).")]
+TrialStepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Training steps per trial (the full schedule).")]
+StorageOpt = Annotated[str | None, typer.Option(
+    "--storage", help="Optuna storage: sqlite:///file.db (default ./precondtune-studies.db), postgresql://..., "
+                      "journal:///path.log (file journal, NFS-safe) or memory.")]
+StudyNameOpt = Annotated[str | None, typer.Option("--study-name", help="Study to create or resume "
+                                                                       "(default MODEL-OPTIMIZER).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Local processes running trials of one study.")]
+TimeoutOpt = Annotated[float | None, typer.Option("--timeout", min=0, help="Stop starting trials after SECONDS.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE: fix a knob (repeatable).")]
+EnqueueOpt = Annotated[list[str] | None, typer.Option("--enqueue", help="KEY=VALUE[,KEY=VALUE...]: a warm-start "
+                                                                        "trial (repeatable).")]
+SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Re-run the top configs on K seeds; pick by median.")]
+AdamLrOpt = Annotated[float | None, typer.Option("--adam-lr", min=0, help="Tuned AdamW lr to transfer from.")]
+AdamBetasOpt = Annotated[str | None, typer.Option("--adam-betas", help="Tuned AdamW betas, e.g. 0.9,0.95.")]
+AdamWdOpt = Annotated[float | None, typer.Option("--adam-weight-decay", min=0, help="Tuned AdamW weight decay.")]
+SamplerOpt = Annotated[str, typer.Option("--sampler", help="tpe, gp, cmaes (pip install 'precondtune[samplers]') "
+                                                           "or random.")]
+PrunerOpt = Annotated[str, typer.Option("--pruner", help="median, halving (successive halving) or none.")]
+WarmupOpt = Annotated[int | None, typer.Option("--warmup", min=0, help="Warmup steps (default 10% of --steps).")]
+DecayOpt = Annotated[str, typer.Option("--decay", help="lr decay after warmup: cosine, linear or constant.")]

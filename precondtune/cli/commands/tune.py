@@ -1,0 +1,172 @@
+"""``precondtune tune MODEL --optimizer NAME``: one Optuna study (library: :func:`precondtune.search.run_search`)."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import optuna
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ...errors import ConfigError
+from ...modelfile import load_model_file
+from ...search import AdamWReference, SearchResult, SearchSettings, run_search
+from ..common import (
+    AdamBetasOpt,
+    AdamLrOpt,
+    AdamWdOpt,
+    BatchOpt,
+    DebugOpt,
+    DecayOpt,
+    DeviceOpt,
+    EnqueueOpt,
+    JsonOpt,
+    ModelArg,
+    PrunerOpt,
+    SamplerOpt,
+    SeedOpt,
+    SeedsOpt,
+    SetOpt,
+    StorageOpt,
+    StudyNameOpt,
+    TimeoutOpt,
+    TrialsOpt,
+    TrialStepsOpt,
+    WarmupOpt,
+    WorkersOpt,
+    emit_json,
+    handle_errors,
+    stderr,
+    stdout,
+    table,
+)
+
+NAME = "tune"
+HELP = "One Optuna search for one optimizer: short full-schedule trials, pruning, resumable storage."
+
+
+def _adamw(lr: float | None, betas: str | None, wd: float | None) -> AdamWReference | None:
+    if lr is None:
+        if betas is not None or wd is not None:
+            raise ConfigError("--adam-betas/--adam-weight-decay need --adam-lr (the tuned AdamW's learning rate)")
+        return None
+    ref = AdamWReference(lr=lr)
+    if betas is not None:
+        try:
+            b = tuple(float(x) for x in betas.strip("[]() ").split(","))
+        except ValueError:
+            b = ()
+        if len(b) != 2 or not all(0 <= x < 1 for x in b):
+            raise ConfigError(f"--adam-betas {betas!r}: expected two values in [0, 1), e.g. 0.9,0.95")
+        ref = AdamWReference(lr=lr, betas=b, weight_decay=ref.weight_decay)  # type: ignore[arg-type]
+    if wd is not None:
+        ref = AdamWReference(lr=lr, betas=ref.betas, weight_decay=wd)
+    return ref
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    return str(v)
+
+
+def _parse(v: object) -> object:
+    if isinstance(v, str) and v.startswith("["):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _render(r: SearchResult, top: int) -> None:
+    frame = r.frame.head(top)
+    # show the knobs that differ between the listed trials; the best config is printed in full below
+    hp_cols = [k for k in (r.best_hyperparameters or {}) if k in frame and frame[k].astype(str).nunique() > 1]
+    rows = []
+    for _, t in frame.iterrows():
+        hp = ", ".join(f"{k}={_fmt(_parse(t[k]))}" for k in hp_cols)
+        seed = f"{t['seed_median']:.4g} [{t['seed_min']:.4g}, {t['seed_max']:.4g}]" \
+            if "seed_median" in t and t["seed_median"] == t["seed_median"] else "-"
+        value = "-" if t["value"] is None or t["value"] != t["value"] or t["state"] != "COMPLETE" \
+            else f"{t['value']:.4f}"
+        rows.append([t["number"], t["state"].lower(), value, seed, t.get("steps_run", "-"), hp,
+                     t["reason"] or t.get("enqueued", "") or ""])
+    c = r.counts
+    stdout.print(table(f"study {r.study} ({r.optimizer} on {r.model}): {c['complete']} complete, "
+                       f"{c['pruned']} pruned, {c['failed']} failed",
+                       ["trial", "state", "eval loss", "seed median [min, max]", "steps", "hyperparameters",
+                        "note"], rows,
+                       caption=f"storage {r.storage}; pruning saved {r.steps_saved_by_pruning} of "
+                               f"{r.steps * (c['pruned'] + c['complete'])} steps"))
+    if r.best_value is None:
+        stderr.print(f"no trial completed{'; first failure: ' + r.first_failure if r.first_failure else ''}",
+                     highlight=False)
+    else:
+        stdout.print(f"best: trial {r.best_trial}, eval loss {r.best_value:.4f}: "
+                     + ", ".join(f"{k}={_fmt(v)}" for k, v in (r.best_hyperparameters or {}).items()),
+                     highlight=False, soft_wrap=True)
+
+
+def command(
+    model: ModelArg,
+    optimizer: Annotated[str, typer.Option("--optimizer", "-o", help="The optimizer to tune (one name).")] = "adamw",
+    trials: TrialsOpt = 20,
+    steps: TrialStepsOpt = 200,
+    batch_size: BatchOpt = 8,
+    storage: StorageOpt = None,
+    study_name: StudyNameOpt = None,
+    workers: WorkersOpt = 1,
+    timeout: TimeoutOpt = None,
+    set_: SetOpt = None,
+    enqueue: EnqueueOpt = None,
+    seeds: SeedsOpt = 1,
+    adam_lr: AdamLrOpt = None,
+    adam_betas: AdamBetasOpt = None,
+    adam_weight_decay: AdamWdOpt = None,
+    sampler: SamplerOpt = "tpe",
+    pruner: PrunerOpt = "median",
+    warmup: WarmupOpt = None,
+    decay: DecayOpt = "cosine",
+    csv: Annotated[str | None, typer.Option("--csv", help="Write every trial (pandas DataFrame) to this CSV.")] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Rows in the final table.")] = 10,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    json_: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    with handle_errors(debug):
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        settings = SearchSettings(
+            optimizer=optimizer, trials=trials, steps=steps, batch_size=batch_size, storage=storage,
+            study_name=study_name, workers=workers, timeout=timeout, fixed=tuple(set_ or ()),
+            enqueue=tuple(enqueue or ()), seeds=seeds, adamw=_adamw(adam_lr, adam_betas, adam_weight_decay),
+            sampler=sampler.lower(), pruner=pruner.lower(), warmup=warmup, decay=decay.lower(), device=device,
+            seed=seed)
+        mf = load_model_file(model)
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       console=stderr, transient=True)
+        task = bar.add_task(f"tune {optimizer}", total=trials)
+
+        def on_study(name: str, url: str) -> None:
+            hint = "" if url == "memory" or url.endswith(":memory:") else \
+                f" (resume: --study-name {name} --storage {url})"
+            stderr.print(f"study {name} in {url}{hint}", highlight=False, soft_wrap=True)
+
+        def progress(done: int, total: int, best: float | None, pruned: int, failed: int) -> None:
+            best_s = "-" if best is None else f"{best:.4f}"
+            bar.update(task, completed=done, total=total,
+                       description=f"tune {optimizer}: best {best_s}, pruned {pruned}, failed {failed}")
+
+        with bar:
+            result = run_search(mf, settings, progress=progress, on_study=on_study)
+        if csv:
+            result.frame.to_csv(csv, index=False)
+        if json_:
+            emit_json(result.as_json())
+        else:
+            _render(result, top)
+        if result.best_value is None and trials > 0:
+            raise typer.Exit(1)

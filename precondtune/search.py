@@ -1,0 +1,792 @@
+"""Short, honest Optuna searches: one study per (model, optimizer), persisted in an Optuna storage.
+
+A trial is :func:`precondtune.training.train` on the study's shared :class:`~precondtune.training.TrialData`
+(same seeded weights, same batches, the full short schedule), scored by the mean eval loss at the end. The
+optimizer's ``search_space(trial, base)`` defines the space (STYLE.md: Optuna's define-by-run idiom); the
+optimizer's defaults and, given a tuned AdamW, its ``from_adamw`` transfer are enqueued first, and the lr range
+is centred on the transferred lr. Diverging trials are pruned with their reason in the trial's user attrs;
+exceptions (CUDA OOM included) fail that trial with its reason and the study goes on. Each trial stores its full
+Config as ``user_attrs["hyperparameters"]``, so the best config is rebuilt exactly (``spec.config(**hp)``).
+
+Storage (``--storage``), all Optuna's own:
+
+- nothing: ``sqlite:///precondtune-studies.db`` in the working directory (:data:`DEFAULT_STORAGE`);
+- ``sqlite:///path.db``, ``postgresql://user:pw@host/db``, ``mysql://...``: :class:`optuna.storages.RDBStorage`
+  with heartbeats, so a killed worker's trial is failed and re-run once (grace :data:`GRACE_SECONDS`);
+- ``journal:///abs/path.log``, ``journal:rel/path.log`` or any path ending in ``.log``/``.jsonl``: Optuna's
+  :class:`~optuna.storages.JournalStorage` on a file (safe for several processes and NFS);
+- ``sqlite:///:memory:`` or ``memory``: in-memory, one process, nothing kept.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import multiprocessing
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from .errors import ConfigError, PrecondtuneError
+from .inventory import count_parameters
+from .modelfile import ModelFile, load_model_file, move_to
+from .optim import OptimizerSpec, config_dict, get_spec
+from .profiling import resolve_device
+from .training import Schedule, TrialData, prepare, train
+
+DEFAULT_STORAGE = "sqlite:///precondtune-studies.db"
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
+"""A RUNNING trial whose heartbeat is older than this is failed (its process was killed) and re-run once."""
+SQLITE_BUSY_SECONDS = 60
+"""SQLite lock wait: several local workers write to one file; Optuna's default (5 s) times out under load."""
+PROBES = 48
+"""Random draws of a search space used to list its knobs (covers conditional branches such as Adafactor's
+momentum on/off)."""
+TOP_FOR_SEEDS = 3
+"""``--seeds K`` re-runs this many of the best configs."""
+REPORTS_PER_TRIAL = 10
+"""Intermediate values per trial (each a mean training loss over its window) offered to the pruner."""
+SAMPLERS = ("tpe", "gp", "cmaes", "random")
+PRUNERS = ("median", "halving", "none")
+
+
+@dataclass(frozen=True)
+class AdamWReference:
+    """A tuned AdamW to transfer from (``--adam-lr/--adam-betas/--adam-weight-decay``)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything a search needs besides the model file; plain data, so worker processes receive it as is."""
+
+    optimizer: str
+    trials: int = 20
+    steps: int = 200
+    batch_size: int = 8
+    storage: str | None = None
+    study_name: str | None = None
+    workers: int = 1
+    timeout: float | None = None
+    fixed: tuple[str, ...] = ()
+    """``--set KEY=VALUE`` items."""
+    enqueue: tuple[str, ...] = ()
+    """``--enqueue KEY=VALUE[,KEY=VALUE...]`` items, one warm-start trial each."""
+    seeds: int = 1
+    adamw: AdamWReference | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    warmup: int | None = None
+    decay: str = "cosine"
+    device: str = "auto"
+    seed: int = 0
+
+    def schedule(self) -> Schedule:
+        try:
+            return Schedule(self.steps, self.warmup, self.decay)
+        except ValueError as e:
+            raise ConfigError(f"--steps/--warmup/--decay: {e}") from e
+
+    @property
+    def report_every(self) -> int:
+        return max(1, self.steps // REPORTS_PER_TRIAL)
+
+
+# --------------------------------------------------------------------------------------------------- storage
+
+@dataclass(frozen=True)
+class StorageRef:
+    """An opened Optuna storage and how to show it to the user."""
+
+    storage: Any
+    url: str
+    kind: str
+    """"rdb", "journal" or "memory"."""
+
+
+def _is_memory(url: str) -> bool:
+    return url in ("memory", ":memory:", "sqlite://", "sqlite:///:memory:")
+
+
+def _journal_path(url: str) -> Path | None:
+    if url.startswith("journal:"):
+        rest = url[len("journal:"):]
+        return Path(rest.removeprefix("//"))
+    if "://" not in url and url.endswith((".log", ".jsonl")):
+        return Path(url)
+    return None
+
+
+def storage_url(url: str | None) -> str:
+    """The URL a study lives at: the default SQLite file made absolute, other URLs as given."""
+    if url is None or url == DEFAULT_STORAGE:
+        return "sqlite:///" + str(Path(DEFAULT_STORAGE[len("sqlite:///"):]).resolve())
+    return url
+
+
+def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
+    """Open ``url`` (see the module docstring); a bad or unreachable one raises :class:`ConfigError`."""
+    url = storage_url(url)
+    if _is_memory(url):
+        if workers > 1:
+            raise ConfigError(f"--storage {url} is in memory and cannot be shared by --workers {workers}; use a "
+                              "file (sqlite:///studies.db or journal:///path/studies.log) or postgresql://")
+        return StorageRef(optuna.storages.InMemoryStorage(), url, "memory")
+    journal = _journal_path(url)
+    if journal is not None:
+        if not journal.parent.is_dir():
+            raise ConfigError(f"--storage {url}: directory {journal.parent} does not exist; create it first")
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        try:
+            return StorageRef(JournalStorage(JournalFileBackend(str(journal))), f"journal:///{journal.resolve()}",
+                              "journal")
+        except Exception as e:
+            raise ConfigError(f"--storage {url}: cannot open the journal file ({_one_line(e)})") from e
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if not scheme.startswith(("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")):
+        raise ConfigError(f"--storage {url!r} is not a storage URL; use sqlite:///path.db, postgresql://user@host/db, "
+                          "journal:///path.log or memory")
+    if scheme == "sqlite":
+        path = Path(url[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise ConfigError(f"--storage {url}: directory {path.parent} does not exist; create it first")
+    engine = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if scheme == "sqlite" else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as e:
+        raise ConfigError(f"--storage {url}: cannot open it ({_one_line(e)}); check the URL, that the server is "
+                          "reachable and that its driver is installed (pip install 'precondtune[postgres]')") from e
+    return StorageRef(storage, url, "rdb")
+
+
+# ----------------------------------------------------------------------------------------------------- knobs
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def parse_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"1e-3"`` -> 0.001, ``"true"`` -> True, ``"[0.9,0.95]"`` -> [0.9, 0.95], else the string."""
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    if t.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        return t
+
+
+def parse_assignments(text: str, *, option: str) -> dict[str, Any]:
+    """``"lr=0.01,betas=[0.9,0.95]"`` -> dict; commas inside brackets belong to the value."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out: dict[str, Any] = {}
+    for p in parts:
+        if not p.strip():
+            continue
+        key, eq, value = p.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{option} {text!r}: expected KEY=VALUE[,KEY=VALUE...]")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _base(spec: OptimizerSpec, adamw: AdamWReference | None) -> Any:
+    if adamw is None:
+        return None
+    return spec.from_adamw(lr=adamw.lr, betas=adamw.betas, eps=adamw.eps, weight_decay=adamw.weight_decay).config
+
+
+def discover_knobs(spec: OptimizerSpec, base: Any = None) -> dict[str, BaseDistribution]:
+    """The trial parameters ``spec.search_space`` suggests, with their distributions (union over random draws)."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    knobs: dict[str, BaseDistribution] = {}
+    for _ in range(PROBES):
+        trial = study.ask()
+        try:
+            spec.search_space(trial, base)
+        except (ValueError, PrecondtuneError):
+            pass  # a draw the Config rejects still names its knobs; the FixedTrial tests catch such spaces
+        for name, dist in trial.distributions.items():
+            knobs.setdefault(name, dist)
+    return knobs
+
+
+def _contains(dist: BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(dist, (FloatDistribution, IntDistribution)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
+    return False
+
+
+def _describe(dist: BaseDistribution) -> str:
+    if isinstance(dist, CategoricalDistribution):
+        return "one of " + ", ".join(map(str, dist.choices))
+    if isinstance(dist, (FloatDistribution, IntDistribution)):
+        return f"[{dist.low:g}, {dist.high:g}]"
+    return str(dist)
+
+
+def _clip(dist: BaseDistribution, value: Any) -> Any:
+    if isinstance(dist, FloatDistribution):
+        return min(max(float(value), dist.low), dist.high)
+    if isinstance(dist, IntDistribution):
+        return int(min(max(int(value), dist.low), dist.high))
+    return value
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """A search space's knobs: trial parameters (with distributions) and the Config's fields."""
+
+    spec: OptimizerSpec
+    params: dict[str, BaseDistribution]
+    fields: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: OptimizerSpec, base: Any = None) -> Knobs:
+        return cls(spec, discover_knobs(spec, base), tuple(f.name for f in dataclasses.fields(spec.config_cls)))
+
+    def valid(self) -> list[str]:
+        aliases = [p[len("one_minus_"):] for p in self.params if p.startswith("one_minus_")]
+        return sorted(set(self.params) | set(self.fields) | set(aliases))
+
+    def resolve(self, values: dict[str, Any], *, option: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``values`` -> (trial params to fix, Config fields to override), each checked; bad ones raise."""
+        params: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
+        for key, value in values.items():
+            inverse = f"one_minus_{key}"
+            if inverse in self.params and isinstance(value, (int, float)) and not isinstance(value, bool):
+                # beta1=0.95 fixes the trial param one_minus_beta1=0.05 (and the field, if there is one)
+                if key not in self.fields and not _contains(self.params[inverse], 1 - value):
+                    raise ConfigError(f"{option} {key}={value!r} is out of range for {self.spec.name}; allowed: "
+                                      f"1 - {_describe(self.params[inverse])}")
+                params[inverse] = 1 - value
+                if key not in self.fields:
+                    continue
+            if key not in self.params and key not in self.fields:
+                raise ConfigError(f"{option} {key}: {self.spec.name} has no knob {key!r}; valid: "
+                                  f"{', '.join(self.valid())}")
+            if key in self.params:
+                if key not in self.fields and not _contains(self.params[key], value):
+                    raise ConfigError(f"{option} {key}={value!r} is out of range for {self.spec.name}; allowed: "
+                                      f"{_describe(self.params[key])}")
+                params[key] = value
+            if key in self.fields:
+                fields[key] = tuple(value) if isinstance(value, list) else value
+                if key == "betas" and isinstance(value, (list, tuple)):
+                    for k, b in enumerate(value[:2]):
+                        if f"one_minus_beta{k + 1}" in self.params and isinstance(b, (int, float)):
+                            params[f"one_minus_beta{k + 1}"] = 1 - b
+        if fields:
+            try:
+                dataclasses.replace(self.spec.default_config(), **fields)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{option}: {self.spec.name}: {e}") from e
+        return params, fields
+
+    def params_of(self, config: Any) -> dict[str, Any]:
+        """Trial params that reproduce ``config`` as closely as the space allows (clipped into range)."""
+        out: dict[str, Any] = {}
+        betas = getattr(config, "betas", None)
+        for name, dist in self.params.items():
+            value: Any = None
+            if hasattr(config, name):
+                value = getattr(config, name)
+            elif name.startswith("one_minus_"):
+                inner = name[len("one_minus_"):]
+                if inner in ("beta1", "beta2") and isinstance(betas, (tuple, list)):
+                    value = betas[int(inner[-1]) - 1]
+                else:
+                    value = getattr(config, inner, None)
+                value = None if not isinstance(value, (int, float)) else 1 - value
+            if value is None or isinstance(value, (tuple, list)):
+                continue
+            if isinstance(dist, CategoricalDistribution):
+                if value in dist.choices:
+                    out[name] = value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = _clip(dist, value)
+        return out
+
+
+class _FixedKnobs:
+    """A trial whose ``--set`` knobs return their fixed value instead of being sampled (others delegate)."""
+
+    def __init__(self, trial: optuna.Trial, fixed: dict[str, Any]) -> None:
+        self._trial, self._fixed = trial, fixed
+
+    def suggest_float(self, name: str, low: float, high: float, **kw: Any) -> float:
+        return self._fixed[name] if name in self._fixed else self._trial.suggest_float(name, low, high, **kw)
+
+    def suggest_int(self, name: str, low: int, high: int, **kw: Any) -> int:
+        return self._fixed[name] if name in self._fixed else self._trial.suggest_int(name, low, high, **kw)
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self._fixed[name] if name in self._fixed else self._trial.suggest_categorical(name, choices)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trial, name)
+
+
+def config_from_dict(spec: OptimizerSpec, hyperparameters: dict[str, Any]) -> Any:
+    """Rebuild a Config exactly from its stored dict (JSON lists back to tuples, nested ones too)."""
+    def tuples(v: Any) -> Any:
+        return tuple(tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    return spec.config(**{k: tuples(v) for k, v in hyperparameters.items()})
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------- objective
+
+class Objective:
+    """The trial function: config from the search space (``--set`` knobs fixed), a short run, its eval loss."""
+
+    def __init__(self, mf: ModelFile, settings: SearchSettings, data: TrialData | None = None) -> None:
+        self.mf, self.settings = mf, settings
+        self.spec = get_spec(settings.optimizer)
+        self.base = _base(self.spec, settings.adamw)
+        self.knobs = Knobs.of(self.spec, self.base)
+        fixed: dict[str, Any] = {}
+        for item in settings.fixed:
+            fixed.update(parse_assignments(item, option="--set"))
+        self.fixed_params, self.fixed_fields = self.knobs.resolve(fixed, option="--set")
+        self.schedule = settings.schedule()
+        self._data = data
+
+    @property
+    def data(self) -> TrialData:
+        if self._data is None:
+            s = self.settings
+            self._data = prepare(self.mf, steps=s.steps, batch_size=s.batch_size, seed=s.seed,
+                                 device=resolve_device(s.device))
+        return self._data
+
+    def config(self, trial: optuna.Trial) -> Any:
+        """The trial's Config: an exact enqueued/retried config if it has one, else the search space's."""
+        exact = trial.user_attrs.get("hyperparameters") or trial.user_attrs.get("enqueued_config")
+        config = self.spec.search_space(_FixedKnobs(trial, self.fixed_params), self.base)
+        if exact:
+            config = config_from_dict(self.spec, exact)
+        overrides = {**trial.user_attrs.get("overrides", {}), **self.fixed_fields}
+        if overrides:
+            config = config_from_dict(self.spec, {**config_dict(config), **overrides})
+        return config
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        t0 = time.perf_counter()
+        try:
+            hp = config_dict(self.config(trial))
+            trial.set_user_attr("hyperparameters", _jsonable(hp))
+            pruner = self.settings.pruner
+
+            def report(step: int, value: float) -> str | None:
+                trial.report(value, step)
+                if trial.should_prune():
+                    return f"{pruner} pruner at step {step}: mean training loss {value:.4g}"
+                return None
+
+            result = train(self.data, self.spec.name, hp, schedule=self.schedule,
+                           report_every=self.settings.report_every, callback=report)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            trial.set_user_attr("fail_reason", _one_line(e))
+            raise
+        for key, value in (("steps_run", result.steps_run), ("start_loss", result.start_loss),
+                           ("median_step_seconds", result.median_step_seconds),
+                           ("train_seconds", result.train_seconds),
+                           ("trial_seconds", time.perf_counter() - t0),
+                           ("final_train_loss", result.losses[-1] if result.losses else None)):
+            trial.set_user_attr(key, value if not isinstance(value, float) or math.isfinite(value) else None)
+        if result.stop_reason is not None:
+            trial.set_user_attr("pruned_reason", result.stop_reason)
+            raise optuna.TrialPruned(result.stop_reason)
+        assert result.eval_loss is not None
+        return result.eval_loss
+
+
+# ----------------------------------------------------------------------------------------------------- study
+
+def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """TPE (default; multivariate, constant liar for parallel workers), GP, CMA-ES or random."""
+    startup = min(10, max(3, trials // 4))  # short searches: let TPE model after a quarter of the budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                              constant_liar=True)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "gp":
+            _need("scipy", "gp")
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+        if name == "cmaes":
+            _need("cmaes", "cmaes")
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+    raise ConfigError(f"--sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+
+
+def _need(module: str, sampler: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"--sampler {sampler} needs the {module} package; pip install 'precondtune[samplers]'")
+
+
+def make_pruner(name: str, schedule: Schedule, report_every: int) -> optuna.pruners.BasePruner:
+    """Median or successive halving, never during the lr warmup (losses there say little about the end)."""
+    warm = max(schedule.warmup_steps, report_every)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warm, interval_steps=1)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warm, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"--pruner {name!r}; valid: {', '.join(PRUNERS)}")
+
+
+def _study_attrs(mf: ModelFile, settings: SearchSettings, spec: OptimizerSpec, params: int) -> dict[str, Any]:
+    return {"optimizer": spec.name, "model": str(mf.path), "trainable_parameters": params,
+            "trial_settings": {"steps": settings.steps, "batch_size": settings.batch_size, "seed": settings.seed,
+                               "warmup": settings.schedule().warmup_steps, "decay": settings.decay}}
+
+
+def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, pruner: Any) -> optuna.Study:
+    """Load ``name`` (checking it was made for this optimizer, model and trial settings) or create it."""
+    try:
+        ref.storage.get_study_id_from_name(name)
+        existing = True
+    except KeyError:
+        existing = False
+    except Exception as e:
+        raise ConfigError(f"--storage {ref.url}: cannot read it ({_one_line(e)})") from e
+    if existing:
+        study = optuna.load_study(study_name=name, storage=ref.storage, sampler=sampler, pruner=pruner)
+        old = study.user_attrs
+        for key, what in (("optimizer", "optimizer"), ("trainable_parameters", "model"),
+                          ("trial_settings", "trial settings")):
+            if key in old and old[key] != attrs[key]:
+                raise ConfigError(
+                    f"study {name!r} in {ref.url} was made for {what} {old[key]} (this run: {attrs[key]}); "
+                    f"use another --study-name, or rerun with the study's own settings")
+        return study
+    study = optuna.create_study(storage=ref.storage, study_name=name, direction="minimize", sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSettings) -> None:
+    """Defaults and the AdamW transfer first, then each ``--enqueue``; a start already in the study is skipped."""
+    spec, knobs = obj.spec, obj.knobs
+    starts: list[tuple[str, dict[str, Any], dict[str, Any] | None, dict[str, Any]]] = []
+    configs = [("defaults", spec.default_config())]
+    if obj.base is not None:
+        configs.append(("adamw-transfer", obj.base))
+    for label, config in configs:
+        starts.append((label, knobs.params_of(config), _jsonable(config_dict(config)), {}))
+    for item in settings.enqueue:
+        params, fields = knobs.resolve(parse_assignments(item, option="--enqueue"), option="--enqueue")
+        clipped = {k: _clip(knobs.params[k], v) for k, v in params.items()}
+        starts.append((f"--enqueue {item}", clipped, None, _jsonable(fields)))
+    seen = {json.dumps([t.user_attrs.get("enqueued_config"), t.user_attrs.get("overrides", {}), t.params],
+                       sort_keys=True, default=str)
+            for t in study.get_trials(deepcopy=False) if "enqueued" in t.user_attrs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, params, config, overrides in starts:
+            params = {k: v for k, v in params.items() if k not in obj.fixed_params}
+            key = json.dumps([config, overrides, params], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            attrs: dict[str, Any] = {"enqueued": label, "overrides": overrides}
+            if config is not None:
+                attrs["enqueued_config"] = config
+            study.enqueue_trial(params, user_attrs=attrs)
+
+
+def _finished(study: optuna.Study) -> dict[int, TrialState]:
+    return {t.number: t.state for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+
+def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int, index: int, threads: int) -> None:
+    """One extra ``--workers`` process: its share of the new trials on the same study."""
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")
+    mf = load_model_file(model)
+    obj = Objective(mf, settings)
+    ref = open_storage(settings.storage, workers=settings.workers)
+    sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, index, 0), settings.trials)
+    study = optuna.load_study(study_name=study_name, storage=ref.storage, sampler=sampler,
+                              pruner=make_pruner(settings.pruner, obj.schedule, settings.report_every))
+    study.optimize(obj, n_trials=n_trials, timeout=settings.timeout, catch=(Exception,))
+
+
+def _sampler_seed(seed: int, worker: int, existing: int) -> int:
+    # distinct streams per worker and per resumption, so no two processes re-propose the same random points
+    return (seed * 1_000_003 + worker * 7_919 + existing * 31) % 2**31
+
+
+@dataclass
+class SearchResult:
+    """What ``tune`` reports."""
+
+    study: str
+    storage: str
+    optimizer: str
+    model: str
+    best_value: float | None
+    best_hyperparameters: dict[str, Any] | None
+    best_trial: int | None
+    counts: dict[str, int]
+    new: dict[str, int]
+    frame: pd.DataFrame
+    steps: int
+    steps_saved_by_pruning: int
+    seed_runs: dict[int, list[float]] = field(default_factory=dict)
+    first_failure: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        best: dict[str, Any] = {"value": self.best_value, "hyperparameters": self.best_hyperparameters,
+                                "trial": self.best_trial}
+        if self.best_trial is not None and self.best_trial in self.seed_runs:
+            values = self.seed_runs[self.best_trial]
+            best["seed_values"] = values
+            best["seed_spread"] = _spread(values)
+        top = self.frame[self.frame["state"] == "COMPLETE"].head(10)
+        return {"study": self.study, "storage": self.storage, "optimizer": self.optimizer, "model": self.model,
+                "best": best, "trials": self.counts, "new_trials": self.new, "steps": self.steps,
+                "steps_saved_by_pruning": self.steps_saved_by_pruning, "first_failure": self.first_failure,
+                "top": json.loads(top.to_json(orient="records"))}
+
+
+def _spread(values: list[float]) -> dict[str, float | None]:
+    finite = [v for v in values if math.isfinite(v)]
+    return {"median": statistics.median(values) if values else None, "min": min(finite, default=None),
+            "max": max(finite, default=None), "stdev": statistics.stdev(finite) if len(finite) > 1 else 0.0}
+
+
+def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None = None) -> pd.DataFrame:
+    """One row per finished trial, best first: state, value, reason, timing and every hyperparameter."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        ua = t.user_attrs
+        row: dict[str, Any] = {
+            "number": t.number, "state": t.state.name, "value": t.value,
+            "reason": ua.get("pruned_reason") or ua.get("fail_reason") or "",
+            "enqueued": ua.get("enqueued", ""), "steps_run": ua.get("steps_run"),
+            "median_step_seconds": ua.get("median_step_seconds"), "trial_seconds": ua.get("trial_seconds"),
+        }
+        if seed_runs and t.number in seed_runs:
+            s = _spread(seed_runs[t.number])
+            row.update({"seed_median": s["median"], "seed_min": s["min"], "seed_max": s["max"]})
+        for k, v in (ua.get("hyperparameters") or {}).items():
+            row[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=["number", "state", "value", "reason"])
+    key = frame["seed_median"].fillna(math.inf) if "seed_median" in frame else frame["value"]
+    order = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2}
+    return (frame.assign(_s=frame["state"].map(order).fillna(3), _k=key)
+            .sort_values(["_s", "_k", "number"]).drop(columns=["_s", "_k"]).reset_index(drop=True))
+
+
+def _rerun_seeds(obj: Objective, study: optuna.Study, settings: SearchSettings) -> dict[int, list[float]]:
+    """Re-run the best :data:`TOP_FOR_SEEDS` configs on seeds seed+1 … seed+K−1 (the search's own run is seed)."""
+    done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+                  key=lambda t: t.value)[:TOP_FOR_SEEDS]
+    stored = {int(k): v for k, v in study.user_attrs.get("seed_runs", {}).items()}
+    runs: dict[int, list[float]] = {}
+    datas = {}
+    for t in done:
+        values = [float(t.value)]
+        for s in range(settings.seed + 1, settings.seed + settings.seeds):
+            mine = stored.get(t.number, {})
+            cached = (math.inf if mine[str(s)] is None else mine[str(s)]) if str(s) in mine else None
+            if cached is None:
+                if s not in datas:
+                    datas[s] = prepare(obj.mf, steps=settings.steps, batch_size=settings.batch_size, seed=s,
+                                       device=obj.data.device)
+                try:
+                    r = train(datas[s], obj.spec.name, t.user_attrs["hyperparameters"], schedule=obj.schedule)
+                    cached = r.eval_loss if r.eval_loss is not None else math.inf
+                except Exception:  # noqa: BLE001 - a seed that crashes counts as a diverged run
+                    cached = math.inf
+                stored.setdefault(t.number, {})[str(s)] = cached
+            values.append(float(cached))
+        runs[t.number] = values
+    study.set_user_attr("seed_runs", {str(k): {s: (v if math.isfinite(v) else None) for s, v in d.items()}
+                                      for k, d in stored.items()})
+    return runs
+
+
+ProgressFn = Callable[[int, int, float | None, int, int], None]
+"""``progress(done, total, best value, pruned, failed)`` over this run's new trials."""
+
+
+def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn | None = None,
+               on_study: Callable[[str, str], None] | None = None) -> SearchResult:
+    """Run (or resume) the study for ``settings.optimizer`` on ``mf``; see the module docstring."""
+    if settings.trials < 0 or settings.workers < 1 or settings.seeds < 1 or settings.steps < 1:
+        raise ConfigError("--trials must be >= 0, and --workers, --seeds and --steps >= 1")
+    obj = Objective(mf, settings)  # validates --set, --steps/--warmup/--decay and the optimizer name
+    pruner = make_pruner(settings.pruner, obj.schedule, settings.report_every)
+    make_sampler(settings.sampler, 0, settings.trials)  # a missing sampler package fails before anything is written
+    for item in settings.enqueue:
+        obj.knobs.resolve(parse_assignments(item, option="--enqueue"), option="--enqueue")
+    data = obj.data
+    model = copy.deepcopy(data.template).to(data.device)
+    mf.check_first_step(model, move_to(data.batches[0], data.device))
+    del model
+    _, trainable = count_parameters(data.template)
+    ref = open_storage(settings.storage, workers=settings.workers)
+    name = settings.study_name or f"{mf.name}-{obj.spec.name}"
+    attrs = _study_attrs(mf, settings, obj.spec, trainable)
+    study = open_study(ref, name, attrs, None, pruner)
+    before = _finished(study)
+    study.sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, 0, len(before)), settings.trials)
+    if on_study is not None:
+        on_study(name, ref.url)
+    _enqueue_warm_starts(study, obj, settings)
+
+    shares = [settings.trials // settings.workers + (k < settings.trials % settings.workers)
+              for k in range(settings.workers)]
+    procs = []
+    if settings.workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        threads = max(1, torch.get_num_threads() // settings.workers)
+        torch.set_num_threads(threads)
+        spec_str = str(mf.path) + (f":{mf.factory_name}" if mf.factory_name else "")
+        for k in range(1, settings.workers):
+            if shares[k]:
+                p = ctx.Process(target=_worker, args=(spec_str, settings, name, shares[k], k, threads), daemon=False)
+                p.start()
+                procs.append(p)
+
+    def tick(study: optuna.Study, _trial: Any) -> None:
+        if progress is None:
+            return
+        now = _finished(study)
+        new = {n: s for n, s in now.items() if n not in before}
+        values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        progress(len(new), settings.trials, min(values) if values else None,
+                 sum(s == TrialState.PRUNED for s in new.values()), sum(s == TrialState.FAIL for s in new.values()))
+
+    tick(study, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if shares[0]:
+                study.optimize(obj, n_trials=shares[0], timeout=settings.timeout, catch=(Exception,),
+                               callbacks=[tick])
+            for p in procs:
+                while p.is_alive():
+                    p.join(timeout=1.0)
+                    tick(study, None)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad:
+        raise PrecondtuneError(f"{len(bad)} worker process(es) exited with code {bad[0]}; rerun with --workers 1 "
+                               "--debug to see why")
+    tick(study, None)
+    seed_runs = _rerun_seeds(obj, study, settings) if settings.seeds > 1 else {}
+    return _result(study, name, ref.url, obj, settings, before, seed_runs)
+
+
+def _result(study: optuna.Study, name: str, url: str, obj: Objective, settings: SearchSettings,
+            before: dict[int, TrialState], seed_runs: dict[int, list[float]]) -> SearchResult:
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    counts = {"complete": states.count(TrialState.COMPLETE), "pruned": states.count(TrialState.PRUNED),
+              "failed": states.count(TrialState.FAIL), "running": states.count(TrialState.RUNNING),
+              "waiting": states.count(TrialState.WAITING)}
+    new_states = [t.state for t in trials if t.state.is_finished() and t.number not in before]
+    new = {"complete": new_states.count(TrialState.COMPLETE), "pruned": new_states.count(TrialState.PRUNED),
+           "failed": new_states.count(TrialState.FAIL)}
+    saved = sum(max(0, settings.steps - int(t.user_attrs.get("steps_run") or 0))
+                for t in trials if t.state == TrialState.PRUNED and t.user_attrs.get("steps_run") is not None)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = None
+    if seed_runs:
+        best_no = min(seed_runs, key=lambda n: (statistics.median(seed_runs[n]), n))
+        best = next(t for t in complete if t.number == best_no)
+    elif complete:
+        best = min(complete, key=lambda t: (t.value, t.number))
+    failure = next((t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL
+                    and t.user_attrs.get("fail_reason")), None)
+    value = None
+    if best is not None:
+        value = statistics.median(seed_runs[best.number]) if seed_runs else best.value
+    return SearchResult(
+        study=name, storage=url, optimizer=obj.spec.name, model=str(obj.mf.path), best_value=value,
+        best_hyperparameters=best.user_attrs.get("hyperparameters") if best else None,
+        best_trial=best.number if best else None, counts=counts, new=new, frame=trials_frame(study, seed_runs),
+        steps=settings.steps, steps_saved_by_pruning=saved, seed_runs=seed_runs, first_failure=failure)
