@@ -115,27 +115,32 @@ def num_blocks(shape: tuple[int, ...], role: str | None = None, heads: int | Non
     return sum(k for k, _ in blocks(shape, role, heads, attention))
 
 
-def adam_mini_(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, step: int, segments: tuple[tuple[int, int], ...],
-               *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """One Adam-mini step for one parameter, in place; ``v`` holds one scalar per block of ``segments``."""
-    adam.decay_(p, lr, weight_decay)
-    m.lerp_(grad, 1 - beta1)
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-    flat_p = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1)
-    flat_g, flat_m = grad.reshape(-1), m.view(-1)
-    off = voff = 0
-    for k, size in segments:
-        g = flat_g[off:off + k * size].view(k, size)
-        vb = v[voff:voff + k]
-        # mean of squares as ‖·‖²/size: no temporary of the block's size
-        vb.mul_(beta2).add_(torch.linalg.vector_norm(g, dim=1).square_().div_(size), alpha=1 - beta2)
-        denom = (vb.sqrt() / math.sqrt(bc2)).add_(eps).unsqueeze(1)
-        flat_p[off:off + k * size].view(k, size).addcdiv_(flat_m[off:off + k * size].view(k, size), denom,
-                                                           value=-lr / bc1)
-        off += k * size
-        voff += k
-    if not p.is_contiguous():
-        p.copy_(flat_p.view_as(p))
+def adam_mini_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+               steps: list[int], segments: list[tuple[tuple[int, int], ...]], *, lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float) -> None:
+    """One Adam-mini step over many tensors, in place; ``exp_avg_sqs[i]`` holds one scalar per block of
+    ``segments[i]``. Decay and m use torch's multi-tensor kernels; the block statistics go tensor by tensor."""
+    if not params:
+        return
+    adam.decay_(params, lr, weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    for p, grad, m, v, step, segs in zip(params, grads, exp_avgs, exp_avg_sqs, steps, segments):
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        flat_p = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1)
+        flat_g, flat_m = grad.reshape(-1), m.view(-1)
+        off = voff = 0
+        for k, size in segs:
+            g = flat_g[off:off + k * size].view(k, size)
+            vb = v[voff:voff + k]
+            # mean of squares as ‖·‖²/size: no temporary of the block's size
+            vb.mul_(beta2).add_(torch.linalg.vector_norm(g, dim=1).square_().div_(size), alpha=1 - beta2)
+            denom = (vb.sqrt() / math.sqrt(bc2)).add_(eps).unsqueeze(1)
+            flat_p[off:off + k * size].view(k, size).addcdiv_(flat_m[off:off + k * size].view(k, size), denom,
+                                                               value=-lr / bc1)
+            off += k * size
+            voff += k
+        if not p.is_contiguous():
+            p.copy_(flat_p.view_as(p))
 
 
 class AdamMini(PrecondOptimizer):
@@ -144,16 +149,19 @@ class AdamMini(PrecondOptimizer):
     Config = Config
 
     def _step_group(self, group: dict[str, Any], c: Config) -> None:
-        for p in self._params_with_grad(group):
-            segments = blocks(tuple(p.shape), group.get("role"), c.heads, c.attention)
+        params = self._params_with_grad(group)
+        segments = [blocks(tuple(p.shape), group.get("role"), c.heads, c.attention) for p in params]
+        for p, segs in zip(params, segments):
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros(sum(k for k, _ in segments), dtype=p.dtype, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(sum(k for k, _ in segs), dtype=p.dtype, device=p.device)
             state["step"] += 1
-            adam_mini_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], segments,
-                       lr=c.lr, beta1=c.betas[0], beta2=c.betas[1], eps=c.eps, weight_decay=c.weight_decay)
+        states = [self.state[p] for p in params]
+        adam_mini_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [s["step"] for s in states], segments,
+                   lr=c.lr, beta1=c.betas[0], beta2=c.betas[1], eps=c.eps, weight_decay=c.weight_decay)
 
 
 def state_bytes(shape: tuple[int, ...], dtype: torch.dtype, config: Config, info: Any = None) -> int:
