@@ -135,3 +135,14 @@ def test_bad_values_name_the_key():
     with pytest.raises(ConfigError, match="beta2_decay"):
         po.build("adafactor", [torch.zeros(2, requires_grad=True)], beta2_decay=0.5)
     assert math.isclose(adafactor.from_adamw(lr=3e-4).config.lr, 3e-4)
+
+
+def test_search_space_and_transfer_give_valid_configs():
+    import optuna
+
+    trial = optuna.trial.FixedTrial({"lr": 0.02, "momentum": True, "one_minus_beta1": 0.1, "beta2_decay": -0.7,
+                                     "d": 1.5, "weight_decay": 0.01})
+    c = adafactor.search_space(trial)
+    assert (c.lr, c.beta1, c.beta2_decay, c.d) == (0.02, pytest.approx(0.9), -0.7, 1.5)
+    t = adafactor.from_adamw(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    assert (t.config.lr, t.config.beta1, t.config.beta2, t.config.relative_step) == (3e-4, 0.9, 0.95, False)

@@ -122,3 +122,15 @@ def test_bad_declarations_are_refused():
     w.grad = torch.randn(12, 4)
     with pytest.raises(ConfigError, match="heads=5"):
         opt.step()
+
+
+def test_search_space_keeps_declared_structure_and_transfer_is_identity():
+    import optuna
+
+    base = adam_mini.Config(lr=1e-3, heads=4, attention="qkv")
+    trial = optuna.trial.FixedTrial({"lr": 2e-3, "one_minus_beta1": 0.1, "one_minus_beta2": 0.05,
+                                     "weight_decay": 0.1})
+    c = adam_mini.search_space(trial, base)
+    assert (c.lr, c.heads, c.attention) == (2e-3, 4, "qkv")
+    t = adam_mini.from_adamw(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert (t.config.lr, t.config.betas, t.config.weight_decay) == (3e-4, (0.9, 0.95), 0.1)
