@@ -1,0 +1,320 @@
+"""Tracing one training step's memory without allocating it: ``FakeTensorMode`` + ``MemTracker``.
+
+A *fake copy* of the model (every parameter and buffer a ``FakeTensor`` on the CPU fake device, tied weights kept
+tied, nothing allocated) runs the user's loss, ``backward`` and an optimizer step under
+``torch.distributed._tools.MemTracker``, which attributes every storage to parameters, gradients, activations,
+temporaries and optimizer state. The same works for a meta-device model: only shapes and dtypes are read.
+
+Two traces make up one step (the training loop is ``loss = f(batch); loss.backward(); opt.step();
+opt.zero_grad(set_to_none=True)``):
+
+* **forward/backward** (needs a batch, independent of the optimizer): peak bytes in each phase;
+* **optimizer step** (needs no batch): two ``step()`` calls on fake gradients, since optimizer state is created
+  lazily on the first call and the steady state is reached on the second; the peak over both is kept (the first
+  step also runs the refreshes, e.g. SOAP's eigenbasis initialisation).
+
+In the second iteration of a real loop the forward and backward run with the optimizer state alive, so a phase's
+peak is ``traced fwd/bwd peak + optimizer state``; the step's peak is traced with weights, gradients and state.
+
+**Repeated blocks.** Tracing is Python-speed (tens of microseconds per op), so for a model whose largest
+``nn.ModuleList`` holds ``L ≥ 8`` structurally identical blocks, each trace is run with 1, 2 and 3 blocks; if the
+three peaks lie exactly on a line (to the byte), the peak at ``L`` blocks is that line's value at ``L`` (identical
+blocks add identical bytes: activations in forward, gradients or activations in backward, state and foreach
+temporaries in the step). If they do not, or the truncated model fails to run, the full model is traced.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import TorchDispatchMode
+
+MIN_BLOCKS_TO_EXTRAPOLATE = 8
+"""Below this many repeated blocks the full model is traced (three truncated traces would cost about as much)."""
+
+PHASES = ("forward", "backward", "step")
+
+
+class PhaseMemTracker(MemTracker):
+    """``MemTracker`` that also keeps the peak (and its per-category breakdown) of each named phase.
+
+    Module-wise snapshots are not kept: updating them costs O(modules) per op, which dominates on large models.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase: str | None = None
+        self.peaks: dict[str, int] = {}
+        self.peak_snaps: dict[str, dict[str, int]] = {}
+
+    def _update_peak_stats(self, peak_state: Any) -> None:  # called by MemTracker after every op
+        total = 0
+        for dev, snap in self._curr_mem_snap.items():
+            total += snap["Total"]
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = dict(snap)
+        if self.phase is not None and total > self.peaks.get(self.phase, -1):
+            self.peaks[self.phase] = total
+            self.peak_snaps[self.phase] = self.categories()
+
+    def current(self) -> int:
+        return sum(s["Total"] for s in self._curr_mem_snap.values())
+
+    def categories(self) -> dict[str, int]:
+        """Current bytes per MemTracker category (``Parameter``, ``Gradient``, ``Activation``, ...)."""
+        out: dict[str, int] = {}
+        for snap in self._curr_mem_snap.values():
+            for k, v in snap.items():
+                key = getattr(k, "value", k)
+                out[key] = out.get(key, 0) + v
+        return out
+
+    @contextlib.contextmanager
+    def in_phase(self, name: str) -> Iterator[None]:
+        self.phase = name
+        self.peaks.setdefault(name, self.current())
+        self.peak_snaps.setdefault(name, self.categories())
+        try:
+            yield
+        finally:
+            self.phase = None
+
+
+class ScalarStub(TorchDispatchMode):
+    """Answers data-dependent scalar reads (``.item()``, ``float(t)``, ``bool(t)``) on fake tensors with 1.
+
+    Optimizers read scalars for clipping factors and finiteness checks; a fake tensor has no value, and the
+    memory of the step does not depend on it. Values only steer such branches, never shapes.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            t = args[0]
+            if t.dtype == torch.bool:
+                return True
+            return 1.0 if t.is_floating_point() or t.is_complex() else 1
+        return func(*args, **(kwargs or {}))
+
+
+def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's repeated blocks: the largest ``nn.ModuleList`` (by parameters) of ≥ 2 identical children.
+
+    Identical = same module types and the same parameter names, shapes and dtypes, in order.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2:
+            continue
+        sigs = {_signature(b) for b in m}
+        if len(sigs) != 1:
+            continue
+        size = sum(p.numel() for p in m.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, m)
+    return (best[1], best[2]) if best else None
+
+
+def _signature(module: nn.Module) -> tuple:
+    return (tuple(type(m).__name__ for m in module.modules()),
+            tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
+
+
+@dataclass
+class FakeModel:
+    """A fake copy of a model (maybe with its repeated blocks truncated) and the mode that owns its tensors."""
+
+    model: nn.Module
+    mode: FakeTensorMode
+    blocks: int | None = None
+
+
+def fake_copy(model: nn.Module, mode: FakeTensorMode, *, param_dtype: torch.dtype | None = None,
+              keep_blocks: int | None = None, checkpoint_blocks: bool = False) -> FakeModel:
+    """Deep-copy ``model`` with every parameter/buffer replaced by an empty fake tensor (tied weights stay tied).
+
+    ``param_dtype`` casts floating parameters and buffers; ``keep_blocks`` keeps that many repeated blocks;
+    ``checkpoint_blocks`` wraps each repeated block's forward in ``torch.utils.checkpoint`` (non-reentrant).
+    """
+    memo: dict[int, Any] = {}
+    found = repeated_blocks(model)
+    dropped: set[int] = set()
+    if found is not None and keep_blocks is not None:
+        for b in list(found[1])[keep_blocks:]:
+            dropped.update(id(t) for t in [*b.parameters(), *b.buffers()])
+    with mode:
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) in memo or id(t) in dropped:
+                continue
+            dtype = param_dtype if param_dtype is not None and t.is_floating_point() else t.dtype
+            fake = torch.empty_strided(tuple(t.shape), _contiguous_strides(t.shape), dtype=dtype, device="cpu")
+            memo[id(t)] = nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else fake
+    kept = None
+    if found is not None and keep_blocks is not None:
+        _, blocks = found
+        kept = min(keep_blocks, len(blocks))
+        memo[id(blocks)] = nn.ModuleList(copy.deepcopy(b, memo) for b in list(blocks)[:kept])
+    fake_model = copy.deepcopy(model, memo)
+    if checkpoint_blocks and found is not None:
+        for block in fake_model.get_submodule(found[0]):
+            _checkpoint_forward(block)
+    return FakeModel(fake_model, mode, kept)
+
+
+def _contiguous_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(tuple(shape)):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _checkpoint_forward(block: nn.Module) -> None:
+    forward = block.forward
+
+    @functools.wraps(forward)
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed  # type: ignore[method-assign]
+
+
+def fake_batch(batch: Any, mode: FakeTensorMode) -> Any:
+    """The batch with every tensor replaced by a fake one (nested lists, tuples and dicts kept)."""
+    if torch.is_tensor(batch):
+        return mode.from_tensor(batch)
+    if isinstance(batch, dict):
+        return type(batch)({k: fake_batch(v, mode) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(fake_batch(v, mode) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(fake_batch(v, mode) for v in batch)
+    return batch
+
+
+@dataclass
+class Trace:
+    """Peak bytes per phase of one trace, and the per-category breakdown at each phase's peak."""
+
+    peaks: dict[str, int] = field(default_factory=dict)
+    snaps: dict[str, dict[str, int]] = field(default_factory=dict)
+    after: dict[str, int] = field(default_factory=dict)
+    """Bytes per category when the trace ended (e.g. the optimizer state after the step)."""
+
+
+def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], torch.Tensor], *,
+                           autocast: torch.dtype | None = None) -> Trace:
+    """Peak bytes of one forward and one backward of the fake model (weights, buffers and the batch included)."""
+    with fm.mode, ScalarStub():
+        fb = fake_batch(batch, fm.mode)
+        mt = PhaseMemTracker()
+        mt.track_external(fm.model, *_tensors(fb))
+        with mt:
+            ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+            with mt.in_phase("forward"), ctx:
+                out = loss(fm.model, fb)
+            with mt.in_phase("backward"):
+                out.backward()
+            del out
+        after = mt.categories()
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
+
+
+def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer], *,
+               grad_dtype: torch.dtype | None = None, extra: Any = None) -> Trace:
+    """Peak bytes of two optimizer steps on fake gradients (state is created lazily in the first)."""
+    with fm.mode, ScalarStub():
+        for p in fm.model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros(p.shape, dtype=grad_dtype or p.dtype, device="cpu")
+        opt = build(fm.model)
+        mt = PhaseMemTracker()
+        mt.track_external(fm.model, *_tensors(extra))
+        with mt:
+            for _ in range(2):
+                with mt.in_phase("step"):
+                    opt.step()
+        after = mt.categories()
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
+
+
+def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], torch.Tensor],
+                   build: Callable[[nn.Module], torch.optim.Optimizer], *, autocast: torch.dtype | None = None) -> Trace:
+    """Two whole training iterations (forward, backward, step, ``zero_grad``); the MemTracker's stats are reset
+    after the first, except the step's peak, kept over both (the first step creates the state and runs the
+    refreshes). For optimizers that hook the model's forward/backward (e.g. Iso's covariance capture)."""
+    with fm.mode, ScalarStub():
+        fb = fake_batch(batch, fm.mode)
+        opt = build(fm.model)
+        mt = PhaseMemTracker()
+        mt.track_external(fm.model, opt, *_tensors(fb))
+        after: dict[str, int] = {}
+        with mt:
+            for it in range(2):
+                if it == 1:
+                    mt.reset_mod_stats()
+                    for phase in ("forward", "backward"):
+                        mt.peaks.pop(phase, None)
+                        mt.peak_snaps.pop(phase, None)
+                ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+                with mt.in_phase("forward"), ctx:
+                    out = loss(fm.model, fb)
+                with mt.in_phase("backward"):
+                    out.backward()
+                del out
+                with mt.in_phase("step"):
+                    opt.step()
+                after = mt.categories()
+                opt.zero_grad(set_to_none=True)
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if x is None:
+        return []
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def extrapolate(run: Callable[[int | None], Trace], blocks: int | None, *, check: bool = True) -> tuple[Trace, str]:
+    """``run(k)`` traced with k = 1, 2 (and 3 when ``check``) repeated blocks, extended to ``blocks`` on a line.
+
+    With ``check`` the three peaks must lie exactly on a line, else the full model is traced. Returns the trace
+    and how it was obtained (``"full"`` or ``"extrapolated from 1, 2[, 3] blocks"``).
+    """
+    if blocks is None or blocks < MIN_BLOCKS_TO_EXTRAPOLATE:
+        return run(None), "full"
+    ks = (1, 2, 3) if check else (1, 2)
+    try:
+        traces = [run(k) for k in ks]
+    except Exception:  # noqa: BLE001 - the truncated model does not run (e.g. it indexes a fixed block count)
+        return run(None), "full"
+    t1, t2 = traces[0], traces[1]
+    if any(set(t.peaks) != set(t1.peaks) for t in traces):
+        return run(None), "full"
+    out = Trace()
+    for phase in t1.peaks:
+        a, b = t1.peaks[phase], t2.peaks[phase]
+        if check and traces[2].peaks[phase] - b != b - a:
+            return run(None), "full"
+        out.peaks[phase] = a + (blocks - 1) * (b - a)
+    out.snaps = {ph: _line(t1.snaps[ph], t2.snaps[ph], blocks) for ph in t1.snaps}
+    out.after = _line(t1.after, t2.after, blocks)
+    return out, f"extrapolated from {', '.join(map(str, ks))} of {blocks} repeated blocks"
+
+
+def _line(a: dict[str, int], b: dict[str, int], blocks: int) -> dict[str, int]:
+    return {k: a.get(k, 0) + (blocks - 1) * (b.get(k, 0) - a.get(k, 0)) for k in {*a, *b}}
