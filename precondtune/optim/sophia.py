@@ -42,7 +42,7 @@ model's forward+backward FLOPs.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +120,9 @@ def gnb_estimate(params: list[Tensor], model: nn.Module, batch: Any,
             raise ConfigError("logits_fn(model, batch) must return a tensor of logits with the classes in the "
                               f"last dimension; got {type(logits).__name__} "
                               f"{tuple(logits.shape) if torch.is_tensor(logits) else ''}")
-        flat = logits.reshape(-1, logits.shape[-1]).float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        if flat.dtype in (torch.float16, torch.bfloat16):  # sample and take the CE in float32
+            flat = flat.float()
         with torch.no_grad():
             labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(-1)
         loss = F.cross_entropy(flat, labels)
@@ -146,6 +148,9 @@ def hutchinson_estimate(params: list[Tensor], model: nn.Module, batch: Any,
         if not live:
             raise _no_double_backward("the gradient does not depend on the parameters through a graph "
                                       "(the backward was not differentiable)")
+        if _has_once_differentiable(grads[k] for k in live):
+            raise _no_double_backward("a custom autograd Function marked @once_differentiable is in the graph; "
+                                      "its second derivative would be silently dropped")
         try:
             hvps = torch.autograd.grad([grads[k] for k in live], [params[k] for k in live],
                                        grad_outputs=[us[k] for k in live], allow_unused=True)
@@ -158,6 +163,25 @@ def hutchinson_estimate(params: list[Tensor], model: nn.Module, batch: Any,
         if g is not None and out[k] is None:  # gradient constant in θ: zero curvature
             out[k] = torch.zeros_like(params[k])
     return out
+
+
+def _has_once_differentiable(roots: Iterable[Tensor]) -> bool:
+    """Whether the graph of ``roots`` holds the error node ``@once_differentiable`` leaves in a double backward.
+
+    That node hangs off detached leaves, so a Hessian-vector product never runs it and would silently miss
+    the function's curvature instead of raising; finding it up front turns that into a clear error.
+    """
+    stack = [g.grad_fn for g in roots if g.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in ("Error", "DelayedError"):
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 def _no_double_backward(why: str) -> ConfigError:
