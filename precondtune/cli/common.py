@@ -132,6 +132,15 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
             bar.update(tasks[desc], completed=done, total=total)
         yield update
 
+
+TokensPerBatchOpt = Annotated[int | None, typer.Option(
+    "--tokens-per-batch", help="Tokens per optimizer step to cost for (default: the tokens in --batch-size "
+                               "sequences); FLOPs scale linearly from the counted batch.")]
+MfuOpt = Annotated[float, typer.Option("--mfu", help="Assumed matmul FLOP utilisation for --gpu predictions, "
+                                                     "a fraction in (0, 1].")]
+MbuOpt = Annotated[float, typer.Option("--mbu", help="Assumed memory-bandwidth utilisation of elementwise work "
+                                                     "for --gpu predictions, a fraction in (0, 1].")]
+
 # Search options (`tune`, `plan`; SPEC.md "Search options").
 TrialsOpt = Annotated[int, typer.Option("--trials", min=0, help="New trials to run (added to the study's count).")]
 TrialStepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Training steps per trial (the full schedule).")]
@@ -154,3 +163,14 @@ SamplerOpt = Annotated[str, typer.Option("--sampler", help="tpe, gp, cmaes (pip 
 PrunerOpt = Annotated[str, typer.Option("--pruner", help="median, halving (successive halving) or none.")]
 WarmupOpt = Annotated[int | None, typer.Option("--warmup", min=0, help="Warmup steps (default 10% of --steps).")]
 DecayOpt = Annotated[str, typer.Option("--decay", help="lr decay after warmup: cosine, linear or constant.")]
+
+# memory (precondtune memory): precision, checkpointing, fit
+GradDtypeOpt = Annotated[str | None, typer.Option("--grad-dtype", help="Gradient dtype (default: param dtype).")]
+MasterWeightsOpt = Annotated[bool, typer.Option("--master-weights",
+                                                help="fp32 master copy of 16-bit params (the optimizer updates it).")]
+AutocastOpt = Annotated[str | None, typer.Option("--autocast", help="Forward under torch.autocast: bf16 or fp16.")]
+CheckpointBlocksOpt = Annotated[bool, typer.Option("--checkpoint-blocks",
+                                                   help="Activation-checkpoint the model's repeated blocks.")]
+ReserveGbOpt = Annotated[float, typer.Option("--reserve-gb", help="GiB kept back for the CUDA context, workspaces "
+                                                                  "and allocator fragmentation.")]
+MaxBatchOpt = Annotated[bool, typer.Option("--max-batch-size", help="Also find the largest batch size that fits.")]

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ...memory import DEFAULT_RESERVE_GB, MemorySettings, plan_memory
+from ...modelfile import load_model_file
+from ..common import (
+    AutocastOpt,
+    BatchOpt,
+    CheckpointBlocksOpt,
+    DebugOpt,
+    GpuOpt,
+    GradDtypeOpt,
+    JsonOpt,
+    MasterWeightsOpt,
+    MaxBatchOpt,
+    ModelArg,
+    OptimizerOpt,
+    ReserveGbOpt,
+    StateDtypeOpt,
+    emit_json,
+    handle_errors,
+    human_bytes,
+    progress,
+    stderr,
+    stdout,
+    table,
+)
+
+NAME = "memory"
+HELP = "Per-GPU memory per optimizer: weights, gradients, state, activations, step temporaries, peak and fit."
+
+
+def command(
+    model: ModelArg,
+    optimizer: OptimizerOpt = "all",
+    batch_size: BatchOpt = 8,
+    param_dtype: Annotated[str | None, typer.Option("--param-dtype",
+                                                    help="fp32, bf16, fp16 (default: the model's).")] = None,
+    grad_dtype: GradDtypeOpt = None,
+    state_dtype: StateDtypeOpt = None,
+    master_weights: MasterWeightsOpt = False,
+    autocast: AutocastOpt = None,
+    checkpoint_blocks: CheckpointBlocksOpt = False,
+    world_size: Annotated[int, typer.Option("--world-size", help="GPUs sharing the job.")] = 1,
+    sharding: Annotated[str, typer.Option("--sharding", help="none, zero1, zero2 or fsdp.")] = "none",
+    gpu: GpuOpt = None,
+    reserve_gb: ReserveGbOpt = DEFAULT_RESERVE_GB,
+    max_batch_size: MaxBatchOpt = False,
+    json_: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    with handle_errors(debug):
+        settings = MemorySettings(
+            batch_size=batch_size, param_dtype=param_dtype, grad_dtype=grad_dtype, state_dtype=state_dtype,
+            master_weights=master_weights, autocast=autocast, checkpoint_blocks=checkpoint_blocks,
+            world_size=world_size, sharding=sharding, gpu=gpu, reserve_gb=reserve_gb, max_batch_size=max_batch_size)
+        with progress(stderr.is_terminal) as update:
+            doc = plan_memory(load_model_file(model), optimizer, settings, progress=update)
+        if json_:
+            emit_json(doc)
+            return
+        _render(doc)
+
+
+def _render(doc: dict) -> None:
+    s, m = doc["settings"], doc["model"]
+    columns = ["optimizer", "state", "weights", "grads", "activations", "step temps", "peak", "phase", "fits",
+               "headroom"]
+    if s["reserve_bytes"] is not None and any("max_batch_size" in o for o in doc["optimizers"]):
+        columns.append("max batch")
+    rows = []
+    for o in doc["optimizers"]:
+        b = o["bytes"]
+        row = [o["name"], human_bytes(b["optimizer_state"]), human_bytes(b["weights"] + b["master_weights"]),
+               human_bytes(b["gradients"]),
+               human_bytes(b["activations"]) if o["activations_traced"] else "- (no batch)",
+               human_bytes(b["step_temporaries"]), human_bytes(b["total_peak"]), o["peak_phase"],
+               "✓" if o["fits"] else "✗", human_bytes(o["headroom_bytes"])]
+        if "max batch" in columns:
+            row.append(o.get("max_batch_size", "-"))
+        rows.append(row)
+    caption = (f"per GPU; {s['param_dtype']} params, {s['grad_dtype']} grads, {s['state_dtype']} state"
+               f"{', fp32 master weights' if s['master_weights'] else ''}"
+               f"{', autocast ' + s['autocast'] if s['autocast'] else ''}"
+               f"{', checkpointed blocks' if s['checkpoint_blocks'] else ''}; batch {s['batch_size']}; "
+               f"world size {s['world_size']}, sharding {s['sharding']}; fit against {s['gpu']} "
+               f"({human_bytes(s['gpu_memory_bytes'])}, {s['gpu_source']}) less a "
+               f"{human_bytes(s['reserve_bytes'])} reserve (--reserve-gb)")
+    stdout.print(table(f"{m['path']}: memory of one training step ({m['trainable_parameters']:,} trainable "
+                       f"parameters)", columns, rows, caption=caption))
+    notes = sorted({n for o in doc["optimizers"] for n in o["notes"]})
+    for n in notes:
+        stdout.print(f"note: {n}", highlight=False, soft_wrap=True)
