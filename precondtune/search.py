@@ -423,6 +423,10 @@ class Objective:
         if exact:
             config = config_from_dict(self.spec, exact)
         overrides = {**trial.user_attrs.get("overrides", {}), **self.fixed_fields}
+        betas = getattr(config, "betas", None)
+        if exact and isinstance(betas, tuple):  # --set beta1=… holds for the exact warm starts as well
+            fixed = [self.fixed_params.get(f"one_minus_beta{k + 1}") for k in range(len(betas))]
+            overrides.setdefault("betas", tuple(b if f is None else 1 - f for b, f in zip(betas, fixed)))
         if overrides:
             config = config_from_dict(self.spec, {**config_dict(config), **overrides})
         return config

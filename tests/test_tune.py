@@ -1,0 +1,241 @@
+"""`precondtune tune`: search spaces, divergence, resume after a kill, and bad input (exit 2, nothing written)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+import torch
+from conftest import EXAMPLES
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FixedTrial, TrialState
+from typer.testing import CliRunner
+
+import precondtune.optim as po
+from precondtune.cli import app
+from precondtune.modelfile import load_model_file
+from precondtune.search import (
+    AdamWReference,
+    SearchSettings,
+    _jsonable,
+    config_from_dict,
+    discover_knobs,
+    run_search,
+)
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+OVERFLOWING_MODEL = textwrap.dedent('''
+    """A tiny regression whose loss overflows at large learning rates."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    _W = torch.randn(8, 1, generator=torch.Generator().manual_seed(3))
+
+    def build_model():
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def sample_batch(batch_size):
+        x = torch.randn(batch_size, 8)
+        return x, x @ _W
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x), y)
+''')
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(OVERFLOWING_MODEL)
+    return path
+
+
+def _draws(knobs, rng, n=6):
+    """All-low, all-high and random points of a search space's distributions."""
+    def pick(d, how):
+        if isinstance(d, CategoricalDistribution):
+            return d.choices[0] if how == "low" else d.choices[-1] if how == "high" else rng.choice(d.choices)
+        if how in ("low", "high"):
+            return getattr(d, how)
+        if getattr(d, "log", False):
+            v = math.exp(rng.uniform(math.log(d.low), math.log(d.high)))
+        else:
+            v = rng.uniform(d.low, d.high)
+        return round(v) if isinstance(d.low, int) and not isinstance(d.low, float) else v
+
+    for how in ["low", "high"] + ["random"] * n:
+        yield {name: pick(d, how) for name, d in knobs.items()}
+
+
+@pytest.mark.parametrize("name", po.available())
+def test_every_sampled_config_validates_and_round_trips(name):
+    spec = po.get_spec(name)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+    rng = random.Random(0)
+    base = spec.from_adamw(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1).config
+    for b in (None, base):
+        knobs = discover_knobs(spec, b)
+        assert "lr" in knobs, f"{name}: the search space must search the learning rate"
+        if b is not None:  # centred on the transferred lr
+            assert knobs["lr"].low < b.lr < knobs["lr"].high
+        for params in _draws(knobs, rng):
+            config = spec.search_space(FixedTrial(params), b)
+            assert isinstance(config, spec.config_cls)
+            stored = json.loads(json.dumps(_jsonable(po.config_dict(config))))
+            assert config_from_dict(spec, stored) == config  # the best config is rebuilt exactly
+            po.build(name, model, **po.config_dict(config))
+
+
+def test_diverging_trials_are_pruned_with_reasons_and_the_best_is_finite(tiny_model):
+    mf = load_model_file(tiny_model)
+    # a "tuned AdamW" lr of 3 centres the search on [0.3, 30]: most trials blow up; the enqueued defaults do not
+    settings = SearchSettings(optimizer="adamw", trials=6, steps=15, batch_size=16, storage="memory",
+                              adamw=AdamWReference(lr=3.0), pruner="none")
+    r = run_search(mf, settings)
+    frame = r.frame
+    diverged = frame[(frame["state"] == "PRUNED") & frame["reason"].str.startswith("diverged")]
+    assert len(diverged) >= 2, frame[["state", "reason", "lr"]]
+    assert r.counts["failed"] == 0 and r.new["complete"] + r.new["pruned"] == 6
+    assert r.best_value is not None and math.isfinite(r.best_value)
+    assert r.best_hyperparameters["lr"] < 0.3
+    assert r.steps_saved_by_pruning > 0
+
+
+def _cli(*args, cwd):
+    return subprocess.Popen([sys.executable, "-c", "from precondtune.cli import main; main()", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _complete(url, name):
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        return {}
+    return {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+
+
+def test_a_killed_study_resumes_with_nothing_lost(tiny_model, tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    args = ["tune", str(tiny_model), "-o", "adamw", "--steps", "25", "--batch-size", "16", "--storage", url,
+            "--study-name", "s", "--pruner", "none", "--json"]
+    proc = _cli(*args, "--trials", "500", cwd=tmp_path)
+    deadline = time.time() + 90
+    while len(_complete(url, "s")) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    before = _complete(url, "s")
+    assert len(before) >= 3
+    rerun = _cli(*args, "--trials", "3", cwd=tmp_path)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    doc = json.loads(out)
+    after = _complete(url, "s")
+    assert all(after.get(n) == v for n, v in before.items())  # nothing lost, values unchanged
+    assert sum(doc["new_trials"].values()) == 3
+    assert max(after) > max(before)  # the count continues
+
+
+def test_ctrl_c_fails_only_the_running_trial_and_the_study_resumes(tiny_model, tmp_path, monkeypatch):
+    from precondtune import search
+
+    mf = load_model_file(tiny_model)
+    settings = SearchSettings(optimizer="adamw", trials=10, steps=10, batch_size=16, pruner="none",
+                              storage=f"sqlite:///{tmp_path / 'studies.db'}", study_name="s")
+    real, calls = search.train, []
+
+    def interrupted_on_the_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(search, "train", interrupted_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(mf, settings)
+    url = settings.storage
+    before = _complete(url, "s")
+    assert len(before) == 3
+    r = run_search(mf, dataclasses.replace(settings, trials=3))
+    after = _complete(url, "s")
+    assert all(after.get(n) == v for n, v in before.items()) and len(after) == 6
+    assert r.counts == {"complete": 6, "pruned": 0, "failed": 1, "running": 0, "waiting": 0}
+    failed = r.frame[r.frame["state"] == "FAIL"]
+    assert list(failed["number"]) == [3]
+
+
+runner = CliRunner()
+
+
+def _tune(*args):
+    return runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--steps", "3", "--trials", "1", *args])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "nosuch=1"], "valid:"),
+    (["--set", "weight_decay=-1"], "weight_decay"),
+    (["--set", "one_minus_beta1=0.9"], "out of range"),
+    (["--set", "beta1=1.5"], "out of range"),
+    (["--enqueue", "lr"], "KEY=VALUE"),
+    (["--enqueue", "lr=0.01,bogus=2"], "valid:"),
+    (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open"),
+    (["--storage", "ftp://x"], "not a storage URL"),
+    (["--sampler", "nope"], "valid:"),
+    (["--workers", "2", "--storage", "memory"], "in memory"),
+    (["--optimizer", "nosuch"], "valid:"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    r = _tune(*args)
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_study_made_for_another_optimizer_is_rejected_untouched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = _tune("-o", "adamw", "--study-name", "shared", "--json")
+    assert first.exit_code == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert doc["storage"] == f"sqlite:///{tmp_path / 'precondtune-studies.db'}"  # the default, printed
+    assert doc["optimizer"] == "adamw" and doc["study"] == "shared"
+    assert set(doc["best"]) >= {"value", "hyperparameters"}
+    assert set(doc["trials"]) >= {"complete", "pruned", "failed"}
+    db = tmp_path / "precondtune-studies.db"
+    snapshot = db.read_bytes()
+    other = next(n for n in po.available() if n != "adamw")
+    r = _tune("-o", other, "--study-name", "shared")
+    assert r.exit_code == 2 and "adamw" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert db.read_bytes() == snapshot
+
+
+def test_set_fixes_a_knob_and_enqueue_warm_starts_come_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = _tune("-o", "adamw", "--trials", "4", "--storage", "memory", "--set", "weight_decay=0",
+              "--set", "beta1=0.85", "--enqueue", "lr=0.02,beta2=0.95", "--adam-lr", "0.003",
+              "--adam-betas", "0.9,0.95", "--csv", "trials.csv", "--json")
+    assert r.exit_code == 0, r.stderr
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "trials.csv")
+    assert len(frame) == 4
+    assert (frame["weight_decay"] == 0).all()
+    assert frame["betas"].map(lambda b: json.loads(b)[0]).eq(0.85).all()
+    first = frame.sort_values("number").head(3)
+    assert list(first["enqueued"]) == ["defaults", "adamw-transfer", "--enqueue lr=0.02,beta2=0.95"]
+    assert list(first["lr"]) == [1e-3, 0.003, 0.02]
