@@ -140,6 +140,18 @@ def storage_url(url: str | None) -> str:
     return url
 
 
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the installed driver: SQLAlchemy ≥ 2.1 defaults to psycopg 3, while the
+    ``postgres`` extra installs psycopg2; an explicit ``postgresql+driver://`` is kept as given."""
+    import importlib.util
+
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix) and importlib.util.find_spec("psycopg") is None \
+                and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
 def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
     """Open ``url`` (see the module docstring); a bad or unreachable one raises :class:`ConfigError`."""
     url = storage_url(url)
@@ -168,11 +180,12 @@ def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
         if not path.parent.is_dir():
             raise ConfigError(f"--storage {url}: directory {path.parent} does not exist; create it first")
     engine = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if scheme == "sqlite" else {"pool_pre_ping": True}
+    driver_url = _with_driver(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                driver_url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as e:
         raise ConfigError(f"--storage {url}: cannot open it ({_one_line(e)}); check the URL, that the server is "
