@@ -231,7 +231,7 @@ def test_cli_single_json_format(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["--lr", "abc"], ["--lr", "-1"], ["--lr", "1e-3", "--betas", "0.9"], ["--lr", "1e-3", "--to", "adamz"],
+    [], ["--lr", "abc"], ["--lr", "-1"], ["--lr", "1e-3", "--betas", "0.9"], ["--lr", "1e-3", "--to", "adamz"],
     ["--lr", "1e-3", "--from", "sgd"], ["--lr", "1e-3", "--to", "soap", "--convention", "keller"],
     ["--lr", "1e-3", "--to", "all", "--out", "{tmp}/configs.yaml"],
     ["--lr", "1e-3", "--weight-decay", "-0.1"],

@@ -75,7 +75,8 @@ def _render(results: list[Transferred]) -> None:
 
 def command(
     model: ModelArg,
-    lr: Annotated[str, typer.Option("--lr", help="The tuned learning rate.", show_default=False)],
+    lr: Annotated[str | None, typer.Option("--lr", help="The tuned learning rate (required).",
+                                           show_default=False)] = None,
     from_: Annotated[str, typer.Option("--from", help="adamw, or muon (convert between Muon lr conventions).")]
     = "adamw",
     betas: Annotated[str | None, typer.Option("--betas", help="AdamW's b1,b2 (default 0.9,0.999).")] = None,
@@ -93,6 +94,8 @@ def command(
     debug: DebugOpt = False,
 ) -> None:
     with handle_errors(debug):
+        if lr is None:
+            raise ConfigError("--lr is required: the tuned learning rate, e.g. --lr 3e-4")
         conventions = list(convention or [])
         if len(conventions) > 2:
             raise ConfigError("--convention is given at most twice (source, then target)")
