@@ -4,12 +4,14 @@
     python benchmarks/optimizer_step_time.py --json             # one JSON document on stdout
     python benchmarks/optimizer_step_time.py --widths 256 512 --steps 10 --optimizers adamw muon
 
-The model is a stack of ``--layers`` blocks ``Linear(d, e·d) → Linear(e·d, d)`` with biases and a LayerNorm
-(d = each of ``--widths``, e = ``--expand``). Gradients are fixed random tensors, so only ``optimizer.step()``
-is timed: the median over ``--steps`` steps after ``--warmup`` steps, ours, the reference's and torch AdamW's
-steps interleaved so that load from other processes falls on all of them alike. Periodic refreshes (eigenbases, inverse
-roots, SVDs) run at the same frequency in both implementations and the median is the ordinary step; the
-amortized refresh cost is what ``precondtune flops`` reports.
+The model is a stack of ``--layers`` blocks ``Linear(d, e·d) → GELU → Linear(e·d, d) → LayerNorm`` (d = each
+of ``--widths``, e = ``--expand``). Before every step an untimed forward/backward on a fixed batch fills the
+gradients (optimizers that hook the forward, like Iso, need it); only ``optimizer.step()`` is timed. Ours, the
+reference's and torch AdamW's steps are interleaved, so load from other processes falls on all of them alike;
+the table gives medians over ``--steps`` steps after ``--warmup`` steps and, as a second opinion on a loaded
+machine, the ratio of the fastest steps. Periodic refreshes (eigenbases, inverse roots, SVDs) run at the same
+frequency in both implementations, so the median is the ordinary step; the amortized refresh cost is what
+``precondtune flops`` reports.
 
 Every optimizer in ``precondtune.optim.available()`` is timed; one that raises is skipped with its error.
 References (test/bench-only dependencies): ``torch.optim`` AdamW (foreach), Muon, Adafactor; pytorch-optimizer
@@ -117,42 +119,58 @@ REFERENCES: dict[str, list[Reference]] = {
 }
 
 
-def _fill_grads(params: list[torch.Tensor], seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+@dataclass
+class Subject:
+    """One model copy, the parameters an optimizer gets, and an untimed forward/backward that fills their grads."""
+
+    model: nn.Module
+    params: list[torch.Tensor]
+    batch: torch.Tensor
+
+    def backward(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        self.model(self.batch).square().mean().backward()
 
 
-def _time_interleaved(steps_fns: list[StepFn], warmup: int, steps: int) -> list[float]:
-    """Median seconds of each ``step()``, calling them in turn (a, b, c, a, b, c, ...) after ``warmup`` calls
-    each, so load from other processes on a shared machine falls on all of them alike."""
-    for fn in steps_fns:
+def _subject(base: nn.Module, matrices_only: bool, width: int) -> Subject:
+    model = copy.deepcopy(base)
+    params = [p for p in model.parameters() if p.dim() == 2] if matrices_only else list(model.parameters())
+    batch = torch.randn(BATCH, width, generator=torch.Generator().manual_seed(0))
+    return Subject(model, params, batch)
+
+
+BATCH = 32
+"""Rows of the fixed input batch; only its gradients matter, and the forward/backward is not timed."""
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_interleaved(subjects: list[Subject], steps_fns: list[StepFn], warmup: int, steps: int,
+                      clock: Callable[[], float]) -> list[list[float]]:
+    """Seconds of each ``step()`` (after an untimed backward), calling them in turn (a, b, c, a, b, c, ...)
+    after ``warmup`` calls each, so load from other processes on a shared machine falls on all alike."""
+    for sub, fn in zip(subjects, steps_fns):
         for _ in range(warmup):
+            sub.backward()
             fn()
     times: list[list[float]] = [[] for _ in steps_fns]
     for _ in range(steps):
-        for fn, ts in zip(steps_fns, times):
-            t0 = time.perf_counter()
+        for sub, fn, ts in zip(subjects, steps_fns, times):
+            sub.backward()
+            t0 = clock()
             fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+            ts.append(clock() - t0)
+    return times
 
 
-def _subject(base: nn.Module, matrices_only: bool, seed: int) -> tuple[nn.Module, list[torch.Tensor]]:
-    model = copy.deepcopy(base)
-    params = [p for p in model.parameters() if p.dim() == 2] if matrices_only else list(model.parameters())
-    _fill_grads(params, seed)
-    return model, params
-
-
-def _ours(name: str, base: nn.Module, matrices_only: bool, seed: int) -> tuple[StepFn, Any]:
-    model, params = _subject(base, matrices_only, seed)
-    opt = po.build(name, params if matrices_only else model)
+def _ours(name: str, sub: Subject, matrices_only: bool) -> tuple[StepFn, Any]:
+    opt = po.build(name, sub.params if matrices_only else sub.model)
     return opt.step, po.get_spec(name).config()
 
 
 def run(widths: list[int], layers: int, expand: int, warmup: int, steps: int, names: list[str],
-        progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+        clock: str = "wall", progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Time every optimizer in ``names`` against its references and torch's AdamW on each width."""
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -164,35 +182,38 @@ def run(widths: list[int], layers: int, expand: int, warmup: int, steps: int, na
             for ref in REFERENCES.get(name, []) or [None]:
                 matrices_only = bool(ref and ref.matrices_only)
                 progress(f"width {width}: {name}" + (f" vs {ref.label}" if ref else ""))
+                subs = [_subject(base, matrices_only, width) for _ in range(3)]
                 try:
-                    step, config = _ours(name, base, matrices_only, 0)
+                    step, config = _ours(name, subs[0], matrices_only)
+                    subs[0].backward()
                     step()
                 except Exception as e:  # noqa: BLE001 - a module under construction must not stop the table
                     skipped.append({"optimizer": name, "width": str(width), "reason": f"{type(e).__name__}: {e}"})
                     break
-                model, params = _subject(base, matrices_only, 0)
-                fns = [step, _plain(torch.optim.AdamW(params, foreach=True))]
+                fns = [step, _plain(torch.optim.AdamW(subs[1].params, foreach=True))]
                 label = None
                 if ref is not None:
                     label = ref.label
                     try:
-                        model, params = _subject(base, matrices_only, 0)
-                        fns.append(ref.make(model, params, config))
+                        fns.append(ref.make(subs[2].model, subs[2].params, config))
+                        subs[2].backward()
                         fns[-1]()
                     except Exception as e:  # noqa: BLE001 - a reference's failure is reported in the row
                         label = f"{ref.label} (failed: {type(e).__name__}: {e})"
                         fns.pop()
-                ours, adamw, *theirs = _time_interleaved(fns, warmup, steps)
+                ours, adamw, *theirs = _time_interleaved(subs[:len(fns)], fns, warmup, steps, CLOCKS[clock])
+                med = statistics.median
                 rows.append({
                     "width": width, "parameters": n_params, "optimizer": name,
                     "params": "2-D weights" if matrices_only else "all",
-                    "ours_ms": ours * 1e3, "reference": label,
-                    "reference_ms": theirs[0] * 1e3 if theirs else None,
-                    "ratio": ours / theirs[0] if theirs else None,
-                    "torch_adamw_ms": adamw * 1e3, "vs_torch_adamw": ours / adamw,
+                    "ours_ms": med(ours) * 1e3, "reference": label,
+                    "reference_ms": med(theirs[0]) * 1e3 if theirs else None,
+                    "ratio": med(ours) / med(theirs[0]) if theirs else None,
+                    "ratio_of_minima": min(ours) / min(theirs[0]) if theirs else None,
+                    "torch_adamw_ms": med(adamw) * 1e3, "vs_torch_adamw": med(ours) / med(adamw),
                 })
     return {"machine": machine(), "settings": {"widths": widths, "layers": layers, "expand": expand,
-                                               "warmup": warmup, "steps": steps},
+                                               "warmup": warmup, "steps": steps, "clock": clock},
             "registered": po.available(), "rows": rows, "skipped": skipped}
 
 
@@ -213,10 +234,10 @@ def markdown(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     head = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}. "
             f"Model: {s['layers']} × [Linear(d, {s['expand']}d), Linear({s['expand']}d, d), LayerNorm]; "
-            f"median of {s['steps']} steps after {s['warmup']} warm-up steps.")
+            f"median of {s['steps']} steps after {s['warmup']} warm-up steps, {s['clock']} clock.")
     lines = [head, "",
-             "| d | params | optimizer | timed on | ours (ms) | reference | ref (ms) | ours/ref | ours/torch AdamW |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|"]
+             "| d | params | optimizer | timed on | ours (ms) | reference | ref (ms) | ours/ref | min/min | ours/torch AdamW |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|"]
 
     def f(x: float | None, spec: str) -> str:
         return "—" if x is None else format(x, spec)
@@ -224,7 +245,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['width']} | {r['parameters']:,} | {r['optimizer']} | {r['params']} | "
                      f"{f(r['ours_ms'], '.2f')} | {r['reference'] or '—'} | {f(r['reference_ms'], '.2f')} | "
-                     f"{f(r['ratio'], '.2f')} | {f(r['vs_torch_adamw'], '.2f')} |")
+                     f"{f(r['ratio'], '.2f')} | {f(r['ratio_of_minima'], '.2f')} | {f(r['vs_torch_adamw'], '.2f')} |")
     if result["skipped"]:
         lines += ["", "Skipped (raised):"]
         lines += [f"- {s['optimizer']} (d={s['width']}): {s['reason']}" for s in result["skipped"]]
@@ -240,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--optimizers", nargs="+", default=["all"], help="names, or all (every registered one)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (steadier on a loaded machine, with --threads 1)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = po.resolve_names(args.optimizers)
-    result = run(args.widths, args.layers, args.expand, args.warmup, args.steps, names,
+    result = run(args.widths, args.layers, args.expand, args.warmup, args.steps, names, args.clock,
                  progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=2) if args.json else markdown(result))
     return 0

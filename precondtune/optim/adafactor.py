@@ -9,7 +9,7 @@ For a ≥ 2-D parameter only the EMAs of the row and column mean squares of G ar
     α = max(ε₂, RMS(X))·min(lr, 1/√t)  with ``relative_step``, else lr     (relative step size)
     X ← X·(1 − lr·wd) − α·Û    (or − α·m with momentum m ← β₁·m + (1−β₁)·Û when ``beta1`` is set)
 
-With ``beta1=None``, ``relative_step=True`` and ``beta2=None`` this is exactly ``torch.optim.Adafactor``
+With ``beta1=None``, ``relative_step=True`` and ``beta2=None`` this is ``torch.optim.Adafactor`` (to float32 rounding)
 (same ε placement: ε₁ clamps mean(r) and √V̂ rather than being added to G², see torch's docstring).
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def adafactor_(p: Tensor, grad: Tensor, state: dict[str, Any], c: Config) -> Non
         v.lerp_(grad * grad, weight)
         v_hat = v / bias_correction if bias_correction != 1.0 else v.clone()
         update = v_hat.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
-    # update clipping, written as torch writes it so float32 results agree bit for bit
+    # update clipping, written as torch writes it (same rounding of the clip factor)
     clip = max(1.0, update.norm(2).item() / (math.sqrt(update.numel()) * c.d))
     if c.beta1 is not None:
         m = state["exp_avg"]
