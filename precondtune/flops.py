@@ -10,11 +10,15 @@ For one model and batch, per optimizer (every parameter routed as :func:`precond
   documented operation counts, plus the extra matmuls), and
   ``amortized_step_flops`` A = S + refresh/every (per parameter, so different periods add correctly)
   + extra forward+backward passes an optimizer spends (Sophia's Hessian estimate every k steps) · F.
+* Model-level costs an optimizer module declares next to its update: ``estimator_flops(F, config)`` (Sophia's
+  Hessian estimate, extra forward+backward passes every k steps; amortized into A and added whole to the
+  refresh step) and ``capture_flops(shape, tokens)`` (Iso's covariance hooks inside backward; every step).
 * ``overhead`` = A / F. For Muon on a d_out×d_in matrix (m = min, n = max) with T Newton–Schulz steps,
   S = T·(4·m²·n + 2·m³) against the layer's 6·B·m·n, i.e. T·m/B for a square matrix (Jordan et al. 2024,
   github.com/KellerJordan/Muon; the seeds' "T·m/B").
 
-Time: ``measure_step_times`` runs warm-up + N real steps (model, ``sample_batch``, loss, backward, step) and
+Time: ``measure_step_times`` runs warm-up + N real steps (model, ``sample_batch``, loss, backward, the
+module's ``hessian_step`` loop hook if it has one, step) and
 times every step, so the refresh step is reported on its own instead of being averaged away. ``predict``
 turns FLOPs and bytes into seconds on a GPU profile: matmuls FLOP-bound at ``mfu`` × peak, the elementwise
 part of the step bandwidth-bound at ``mbu`` × peak memory bandwidth, with bytes moved from

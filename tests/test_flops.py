@@ -67,13 +67,10 @@ def _counted_steps(mf, name: str, hp: dict, steps: int) -> tuple[list[int], int,
 
 
 KNOWN = {
-    ("shampoo", "cnn"): "a size-1 mode of the (8, 1, 3, 3) conv kernel: eigen.gram_flops/rotation_flops count "
-                        "2·n·1 FLOPs per pass that FlopCounterMode does not see in one of the passes",
-    ("soap", "cnn"): "the same size-1 conv mode as shampoo (shared eigen kernel counts)",
-    ("iso", "mlp"): "covariance capture uses in-place addmm_, which FlopCounterMode counts as 0",
-    ("iso", "cnn"): "covariance capture uses in-place addmm_, which FlopCounterMode counts as 0",
-    ("iso-adam", "mlp"): "covariance capture uses in-place addmm_, which FlopCounterMode counts as 0",
-    ("iso-adam", "cnn"): "covariance capture uses in-place addmm_, which FlopCounterMode counts as 0",
+    ("shampoo", "cnn"): "kernels.eigen.mode_gram of the size-1 mode of the (8, 1, 3, 3) conv kernel: tensordot "
+                        "lowers the 1×1 result to a dot product, which FlopCounterMode does not count "
+                        "(gram_flops says 2·72·1 = 144)",
+    ("soap", "cnn"): "the same size-1 mode gram as shampoo (shared kernels.eigen)",
 }
 """Discrepancies between an optimizer module's analytic count and FlopCounterMode, as found (strict: a fix
 turns the case into an XPASS failure, which says to delete its line here)."""
