@@ -1,0 +1,387 @@
+"""``precondtune plan``: profile → memory → overhead → searches → ranking → one recommended config.
+
+1. profile the model (parameters by role, forward+backward FLOPs, measured step time) and the hardware;
+2. memory per optimizer (:mod:`.memory`): those that do not fit are dropped, with by how much;
+3. compute overhead per optimizer (:mod:`.flops`): counted, amortized; measured during the searches;
+4. a short Optuna search (:mod:`.search`) per candidate, warm-started from the AdamW transfer, and AdamW itself
+   searched with the same budget — the honest baseline;
+5. ranking: the best config of each optimizer re-run on ``seeds`` seeds, at equal wall-clock by default (each
+   optimizer gets the number of steps it fits into the time AdamW's run took, with the full schedule over those
+   steps, from the step times measured in its search) or at equal steps; the winner must beat AdamW by more than
+   the seed spread of either, else AdamW is recommended;
+6. outputs (:mod:`.report`): ``recommended.yaml``, ``report.md``, PNG plots and ``results.csv``.
+
+Studies live in an Optuna storage; rerunning with the same ``--storage`` reuses finished trials (a study is
+topped up to ``--trials``, never re-run).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from . import optim as po
+from .errors import ConfigError
+from .flops import flops_report, measure_step_times
+from .memory import MemorySettings, plan_memory
+from .modelfile import ModelFile
+from .profiling import Profile, profile_model, resolve_device
+from .search import AdamWReference, SearchResult, SearchSettings, open_storage, run_search, storage_url
+from .training import Schedule, TrainResult, prepare, train
+
+RANK_BY = ("time", "steps")
+DEFAULT_TRIALS = 4
+DEFAULT_STEPS = 100
+DEFAULT_SEEDS = 2
+DEFAULT_BATCH_SIZE = 16
+MIN_RANK_STEPS = 5
+"""An optimizer whose equal-time budget is below this many steps is ranked on this many (and says so)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanSettings:
+    """What to compare and how long to search."""
+
+    optimizers: str = "all"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    trials: int = DEFAULT_TRIALS
+    steps: int = DEFAULT_STEPS
+    seeds: int = DEFAULT_SEEDS
+    rank_by: str = "time"
+    storage: str | None = None
+    study_prefix: str | None = None
+    workers: int = 1
+    timeout: float | None = None
+    device: str = "auto"
+    gpu: str | None = None
+    reserve_gb: float | None = None
+    world_size: int = 1
+    sharding: str = "none"
+    param_dtype: str | None = None
+    state_dtype: str | None = None
+    adamw: AdamWReference | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in RANK_BY:
+            raise ConfigError(f"--rank-by {self.rank_by!r}; valid: {', '.join(RANK_BY)}")
+        for name, low in (("trials", 1), ("steps", 1), ("seeds", 1), ("batch_size", 1), ("workers", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed: >= {low}")
+
+
+@dataclass
+class Candidate:
+    """One optimizer through the pipeline."""
+
+    name: str
+    memory: dict[str, Any]
+    cost: dict[str, Any] | None = None
+    search: SearchResult | None = None
+    hyperparameters: dict[str, Any] | None = None
+    step_seconds: float | None = None
+    rank_steps: int | None = None
+    rank_losses: list[float] = field(default_factory=list)
+    curve: list[float] = field(default_factory=list)
+    curve_seconds: list[float] = field(default_factory=list)
+    status: str = "pending"
+    note: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.memory.get("fits"))
+
+    @property
+    def median(self) -> float | None:
+        finite = [v for v in self.rank_losses if math.isfinite(v)]
+        return statistics.median(finite) if finite and len(finite) == len(self.rank_losses) else None
+
+    @property
+    def spread(self) -> float:
+        """Range (max − min) of the seed losses: the noise this comparison can resolve."""
+        finite = [v for v in self.rank_losses if math.isfinite(v)]
+        return max(finite) - min(finite) if len(finite) > 1 else 0.0
+
+
+@dataclass
+class PlanResult:
+    """Everything ``plan`` found; :mod:`.report` renders it."""
+
+    mf: ModelFile
+    settings: PlanSettings
+    profile: Profile
+    memory: dict[str, Any]
+    flops: dict[str, Any]
+    candidates: list[Candidate]
+    storage: str | None
+    winner: str | None
+    reason: str
+    meta: bool
+    seconds: float = 0.0
+    command: str = ""
+
+    @property
+    def by_name(self) -> dict[str, Candidate]:
+        return {c.name: c for c in self.candidates}
+
+    def frame(self) -> pd.DataFrame:
+        """Every trial of every study, one row each (``results.csv``)."""
+        frames = [c.search.frame.assign(optimizer=c.name, study=c.search.study)
+                  for c in self.candidates if c.search is not None and not c.search.frame.empty]
+        if not frames:
+            return pd.DataFrame(columns=["optimizer", "study", "number", "state", "value", "reason"])
+        df = pd.concat(frames, ignore_index=True)
+        first = ["optimizer", "study", "number", "state", "value", "reason"]
+        return df[first + [c for c in df.columns if c not in first]]
+
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+
+
+def _noop_progress(desc: str, done: int, total: int) -> None:
+    return None
+
+
+def _noop_log(msg: str) -> None:
+    return None
+
+
+def _study_name(settings: PlanSettings, mf: ModelFile, name: str) -> str:
+    prefix = settings.study_prefix or f"plan-{mf.name}"
+    return f"{prefix}-{name}-s{settings.steps}-b{settings.batch_size}-seed{settings.seed}"
+
+
+def _finished_trials(url: str | None, study: str) -> int:
+    """Finished (complete, pruned or failed) trials already in ``study``; 0 when it does not exist yet."""
+    ref = open_storage(url)
+    try:
+        s = optuna.load_study(study_name=study, storage=ref.storage)
+    except KeyError:
+        return 0
+    return sum(t.state.is_finished() for t in s.get_trials(deepcopy=False))
+
+
+TIMED_STEPS = 10
+"""Timed steps per optimizer and pass (raised by the timer to cover refresh periods)."""
+
+
+def measure_side_by_side(mf: ModelFile, settings: PlanSettings, cands: list[Candidate], device: str,
+                         progress: Progress) -> None:
+    """Amortized seconds per whole training step of each candidate's best config, measured in one stage on one
+    batch: two passes in opposite orders, the faster of the two kept (robust to load drifting during the stage).
+    Refresh steps are timed on their own and amortized over their period (:func:`flops.measure_step_times`)."""
+    batch = mf.sample_batch(settings.batch_size)
+    dev = resolve_device(device)
+    best: dict[str, float] = {}
+    order = cands + cands[::-1]
+    for k, c in enumerate(order):
+        progress("timing steps", k, len(order))
+        every = int(c.cost["refresh_every"]) if c.cost and c.cost.get("refresh_every") else 0
+        m = measure_step_times(mf, c.name, batch=batch, device=dev, steps=TIMED_STEPS, every=every,
+                               seed=settings.seed, hyperparameters=po_config(c))
+        best[c.name] = min(best.get(c.name, math.inf), m.amortized_step_seconds)
+    progress("timing steps", len(order), len(order))
+    for c in cands:
+        c.step_seconds = best[c.name]
+
+
+def _rank_run(mf: ModelFile, settings: PlanSettings, cand: Candidate, steps: int, device: str) -> list[TrainResult]:
+    schedule = Schedule(steps)
+    runs = []
+    for s in range(settings.seed, settings.seed + settings.seeds):
+        data = prepare(mf, steps=steps, batch_size=settings.batch_size, seed=s, device=device)
+        runs.append(train(data, cand.name, po_config(cand), schedule=schedule))
+    return runs
+
+
+def po_config(cand: Candidate) -> dict[str, Any]:
+    """The candidate's best hyperparameters as Config keyword arguments (lists back to tuples)."""
+    hp = cand.hyperparameters or {}
+    return {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
+            for k, v in hp.items()}
+
+
+def decide(candidates: list[Candidate]) -> tuple[str | None, str]:
+    """The recommendation and why: the lowest median loss, unless it does not beat AdamW beyond the noise."""
+    ranked = sorted((c for c in candidates if c.median is not None), key=lambda c: c.median)
+    if not ranked:
+        return None, "no optimizer completed a ranking run"
+    best = ranked[0]
+    adamw = next((c for c in ranked if c.name == "adamw"), None)
+    if adamw is None or best.name == "adamw":
+        why = "lowest median eval loss" + ("" if adamw is None else "; no optimizer beat the tuned AdamW baseline")
+        return best.name, why
+    gain = adamw.median - best.median
+    noise = max(adamw.spread, best.spread)
+    if gain > noise:
+        return best.name, (f"median eval loss {best.median:.4f} vs AdamW {adamw.median:.4f} (−{gain:.4f}), more "
+                           f"than the seed spread ({noise:.4f})")
+    return "adamw", (f"{best.name} reached {best.median:.4f} vs AdamW {adamw.median:.4f}, a gap of {gain:.4f} "
+                     f"within the seed spread ({noise:.4f}): not a real difference, so AdamW stays")
+
+
+def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = None,
+         log: Log | None = None) -> PlanResult:
+    """Run the whole pipeline on ``mf`` (see the module docstring)."""
+    progress = progress or _noop_progress
+    log = log or _noop_log
+    t0 = time.perf_counter()
+    names = po.resolve_names(settings.optimizers)
+    if "adamw" not in names:
+        names = ["adamw", *names]  # the honest baseline is always searched
+
+    log("1/5 profiling the model")
+    prof = profile_model(mf, batch_size=settings.batch_size, device=settings.device, measure_steps=3,
+                         seed=settings.seed)
+
+    log("2/5 memory per optimizer")
+    mem_kwargs: dict[str, Any] = {"batch_size": settings.batch_size, "gpu": settings.gpu,
+                                      "world_size": settings.world_size, "sharding": settings.sharding,
+                                      "param_dtype": settings.param_dtype, "state_dtype": settings.state_dtype}
+    if settings.reserve_gb is not None:
+        mem_kwargs["reserve_gb"] = settings.reserve_gb
+    memory = plan_memory(mf, names, MemorySettings(**mem_kwargs), progress=progress)
+    candidates = [Candidate(e["name"], e) for e in memory["optimizers"]]
+
+    log("3/5 compute overhead per optimizer")
+    report = flops_report(mf, names, batch_size=settings.batch_size, device=settings.device, gpu=settings.gpu,
+                          seed=settings.seed, progress=progress)
+    flops = report.as_json()
+    costs = {o["name"]: o for o in flops["optimizers"]}
+    for c in candidates:
+        c.cost = costs.get(c.name)
+
+    fitting = [c for c in candidates if c.fits]
+    for c in candidates:
+        if not c.fits:
+            c.status = "does not fit"
+            c.note = f"over the budget by {-int(c.memory.get('headroom_bytes', 0)) / 2**30:.2f} GiB"
+    meta = prof.meta
+    storage = None
+    nothing = "nothing fits in the memory budget: lower --batch-size, use --param-dtype bf16, shard with " \
+              "--world-size/--sharding, or plan for a larger --gpu"
+    if meta:
+        for c in fitting:
+            c.status, c.note = "not searched", "meta-device model"
+        reason = ("the model is on the meta device, so only memory and overhead were planned: searches need a model "
+                  "that can run — build a smaller config of the same architecture (fewer layers, narrower width) on "
+                  "a real device and plan that")
+        return PlanResult(mf, settings, prof, memory, flops, candidates, None, None,
+                          reason + ("" if fitting else "; " + nothing), meta, time.perf_counter() - t0)
+    if not fitting:
+        return PlanResult(mf, settings, prof, memory, flops, candidates, None, None, nothing, meta,
+                          time.perf_counter() - t0)
+
+    log("4/5 searches")
+    storage = storage_url(settings.storage)
+    ordered = sorted(fitting, key=lambda c: c.name != "adamw")  # AdamW first: its time is the budget
+    for k, c in enumerate(ordered):
+        study = _study_name(settings, mf, c.name)
+        missing = max(0, settings.trials - _finished_trials(storage, study))
+        desc = f"search {k + 1}/{len(ordered)}: {c.name}"
+        log(f"{desc} — {missing} new trial(s)" + (" (resuming)" if missing < settings.trials else ""))
+        s = SearchSettings(optimizer=c.name, trials=missing, steps=settings.steps, batch_size=settings.batch_size,
+                           storage=storage, study_name=study, workers=settings.workers, timeout=settings.timeout,
+                           seeds=1, adamw=settings.adamw, device=settings.device, seed=settings.seed)
+
+        def tick(done: int, total: int, best: float | None, pruned: int, failed: int, _d: str = desc) -> None:
+            progress(_d, done, max(total, 1))
+
+        c.search = run_search(mf, s, progress=tick)
+        c.hyperparameters = c.search.best_hyperparameters
+        if c.hyperparameters is None:
+            c.status = "no completed trial"
+            c.note = c.search.first_failure or "every trial was pruned or failed"
+
+    device = str(resolve_device(settings.device))
+    searched = [c for c in ordered if c.hyperparameters is not None]
+    log("5/5 timing the best configs side by side, then ranking them"
+        + (" at equal wall-clock" if settings.rank_by == "time" else " at equal steps"))
+    measure_side_by_side(mf, settings, searched, device, progress)
+    adamw = next((c for c in searched if c.name == "adamw"), None)
+    budget = adamw.step_seconds * settings.steps if adamw is not None and adamw.step_seconds else None
+    for k, c in enumerate(searched):
+        progress("ranking runs", k, len(searched))
+        steps = settings.steps
+        if settings.rank_by == "time" and budget and c.step_seconds:
+            steps = int(budget / c.step_seconds)
+            if steps < MIN_RANK_STEPS:
+                c.note = f"fits only {steps} steps into AdamW's time; ranked on {MIN_RANK_STEPS}"
+                steps = MIN_RANK_STEPS
+            steps = min(steps, 2 * settings.steps)
+        c.rank_steps = steps
+        runs = _rank_run(mf, settings, c, steps, device)
+        c.rank_losses = [r.eval_loss if r.eval_loss is not None else math.inf for r in runs]
+        c.curve = list(runs[0].losses)
+        c.curve_seconds = [sum(runs[0].step_seconds[: i + 1]) for i in range(len(runs[0].step_seconds))]
+        c.status = "ranked" if c.median is not None else "diverged in ranking"
+        if c.median is None:
+            c.note = next((r.stop_reason for r in runs if r.stop_reason), "diverged")
+    progress("ranking runs", len(searched), len(searched))
+    winner, reason = decide(candidates)
+    return PlanResult(mf, settings, prof, memory, flops, candidates, storage, winner, reason, meta,
+                      time.perf_counter() - t0)
+
+
+def recommended_config(result: PlanResult) -> dict[str, Any]:
+    """The SPEC.md recommended-config document for the winner (routing: the optimizer's default, made explicit)."""
+    from .config import plain
+
+    win = result.by_name[result.winner]  # type: ignore[index]
+    spec = po.get_spec(win.name)
+    groups = []
+    other = [r for r in ("embedding", "head", "vector", "conv", "batched", "matrix") if r not in spec.roles]
+    if other:
+        groups.append({"match": "|".join(other), "optimizer": "adamw",
+                       "hyperparameters": plain(po.config_dict(po.get_spec("adamw").default_config()))})
+    adamw = result.by_name.get("adamw")
+    return {
+        "schema_version": 1,
+        "optimizer": spec.name,
+        "hyperparameters": plain(win.hyperparameters or {}),
+        "param_groups": groups,
+        "estimates": {
+            "optimizer_state_bytes": int(win.memory["bytes"]["optimizer_state"]),
+            "total_peak_bytes": int(win.memory["bytes"]["total_peak"]),
+            "flop_overhead": float(win.cost["overhead"]) if win.cost else None,
+        },
+        "evidence": {
+            "storage": result.storage,
+            "study": win.search.study if win.search else None,
+            "trials": int(sum(win.search.counts.get(k, 0) for k in ("complete", "pruned", "failed")))
+            if win.search else 0,
+            "best_eval_loss": win.median,
+            "adamw_eval_loss": adamw.median if adamw else None,
+            "rank_by": result.settings.rank_by,
+            "seeds": result.settings.seeds,
+            "reason": result.reason,
+        },
+    }
+
+
+def write_outputs(result: PlanResult, out: Path) -> dict[str, Path]:
+    """Write the config, report, plots and CSV into ``out`` (each file atomically)."""
+    from . import report
+    from .config import write as write_config
+    from .config import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    if result.winner is not None:
+        files["config"] = write_config(recommended_config(result), out / "recommended.yaml")
+    frame = result.frame()
+    tmp = out / ".results.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    tmp.replace(out / "results.csv")
+    files["csv"] = out / "results.csv"
+    files.update(report.plots(result, out))
+    files["report"] = write_text_atomic(out / "report.md", report.markdown(result, files))
+    return files
