@@ -36,24 +36,25 @@ def _pct(x: float | None) -> str:
 
 
 def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1e3:.3g} ms"
+    if s is None:
+        return "-"
+    return f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} µs"
 
 
 def render(r: FlopsReport) -> None:
     """The rich table, one row per optimizer, sorted by FLOP overhead."""
-    cols = ["optimizer", "step FLOPs", "refresh step FLOPs", "every", "amortized FLOPs", "overhead",
-            "bytes/param/step"]
+    cols = ["optimizer", "step FLOPs", "refresh step", "every", "amortized", "overhead", "B/param"]
     predict = r.gpu is not None
     measure = any(o.measured for o in r.optimizers)
     if predict:
-        cols += ["predicted step", "predicted vs AdamW"]
+        cols += ["predicted step", "vs AdamW"]
     if measure:
-        cols += ["measured step (median)", "refresh step", "measured vs AdamW"]
+        cols += ["measured (median)", "refresh step", "vs AdamW"]
     rows = []
     for o in r.optimizers:
         row = [o.name, human_count(o.step_flops), human_count(o.refresh_step_flops) if o.refresh_every else "-",
                o.refresh_every or "-", human_count(o.amortized_step_flops),
-               f"{o.overhead:.3%}" if o.overhead < 0.01 else f"{o.overhead:.2%}", f"{o.bytes_per_parameter:.1f} B"]
+               f"{o.overhead:.3%}" if o.overhead < 0.01 else f"{o.overhead:.2%}", f"{o.bytes_per_parameter:.1f}"]
         if predict:
             p = o.predicted
             row += [_ms(p.step_seconds if p else None), _pct(o.predicted_time_overhead)]
@@ -65,7 +66,8 @@ def render(r: FlopsReport) -> None:
             row += [_ms(m.step_seconds if m else None), refresh, _pct(o.measured_time_overhead)]
         rows.append(row)
     notes = [(f"F (forward+backward) = {human_count(r.train_flops_per_step, 'FLOP')} per step at "
-              f"{r.tokens_per_batch:,} tokens ({FLOP_METHOD}); overhead = amortized / F")]
+              f"{r.tokens_per_batch:,} tokens ({FLOP_METHOD}); overhead = amortized FLOPs / F; "
+              "B/param = bytes the elementwise part moves per parameter per step")]
     if predict:
         assert r.gpu is not None
         notes.append(f"predicted on {r.gpu.title}: matmuls at MFU {r.mfu:.0%} of {r.matmul_dtype} peak "
