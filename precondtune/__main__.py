@@ -1,0 +1,3 @@
+from precondtune.cli import main
+
+main()
