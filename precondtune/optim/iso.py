@@ -210,7 +210,10 @@ class _IsoBase(PrecondOptimizer):
     @torch.no_grad()
     def _capture(self, p: Tensor, x: Tensor, grad: Tensor) -> None:
         """Fold one (X, G) pair into the covariance EMAs (the decay is applied once per step)."""
-        beta = self.group_config(self._group_of[p]).cov_beta
+        group = self._group_of.get(p)
+        if group is None:  # a hook copied along with the module (copy.deepcopy(model)): not ours
+            return
+        beta = self.group_config(group).cov_beta
         state = self._state(p)
         if not state["captured"]:
             state["cov_in"].mul_(beta)
@@ -219,8 +222,9 @@ class _IsoBase(PrecondOptimizer):
             state["captured"] = True
         xs = x.detach().reshape(-1, p.shape[1]).to(p.dtype)
         gs = grad.reshape(-1, p.shape[0]).to(p.dtype)
-        state["cov_in"].addmm_(xs.mT, xs, alpha=1 - beta)
-        state["cov_out"].addmm_(gs.mT, gs, alpha=1 - beta)
+        # out-of-place products (not addmm_) so that FlopCounterMode, which does not count in-place addmm_, sees them
+        state["cov_in"].add_(xs.mT @ xs, alpha=1 - beta)
+        state["cov_out"].add_(gs.mT @ gs, alpha=1 - beta)
 
     def _precondition(self, p: Tensor, c: Any) -> tuple[dict[str, Any], Tensor]:
         state = self._state(p)

@@ -1,0 +1,231 @@
+"""Iso and IsoAdam against a float64 transcription (arXiv 2307.12979), their invariances, hooks and costs."""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import precondtune.optim as po
+from precondtune.errors import ConfigError
+from precondtune.optim import iso
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 5, bias=False), nn.Tanh(),
+                         nn.Linear(5, 3, bias=False))
+
+
+def _batches(steps: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per step a list of micro-batches (B, T, features); step 3 accumulates two."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for t in range(steps):
+        micro = 2 if t == 2 else 1
+        out.append([(torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, 3, generator=g)) for _ in range(micro)])
+    return out
+
+
+def _optimizer(cls, model: nn.Sequential, **hp):
+    """Iso on the two hidden weights only (the head stays fixed, so the transcription needs no AdamW)."""
+    return cls([{"params": [model[0].weight, model[2].weight], "names": ["0.weight", "2.weight"]}], model=model,
+               **hp)
+
+
+def _root64(cov: torch.Tensor, damping: float) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(0)
+    return evecs @ torch.diag((evals + damping * evals[-1]).rsqrt()) @ evecs.T
+
+
+def _transcription(model: nn.Sequential, batches, *, adam: bool, lr: float, b1: float, b2: float, eps: float,
+                   cov_beta: float, damping: float, wd: float, freq: int) -> list[torch.Tensor]:
+    """The module docstring's algorithm in float64, covariances taken from explicit activations."""
+    ws = [model[k].weight.detach().double().clone() for k in (0, 2, 4)]
+    dims = [(8, 6), (5, 8)]
+    cin = [torch.zeros(i, i, dtype=torch.float64) for _, i in dims]
+    cout = [torch.zeros(o, o, dtype=torch.float64) for o, _ in dims]
+    roots: list = [None, None]
+    m = [torch.zeros(d, dtype=torch.float64) for d in dims]
+    v = [torch.zeros(d, dtype=torch.float64) for d in dims]
+    for t, micro in enumerate(batches, start=1):
+        grads = [torch.zeros(d, dtype=torch.float64) for d in dims]
+        xtx = [torch.zeros_like(c) for c in cin]
+        gtg = [torch.zeros_like(c) for c in cout]
+        for x, y in micro:
+            w0, w1 = (w.clone().requires_grad_() for w in ws[:2])
+            z1 = x.double() @ w0.T
+            a1 = z1.tanh()
+            z2 = a1 @ w1.T
+            z1.retain_grad()
+            z2.retain_grad()
+            F.mse_loss(z2.tanh() @ ws[2].T, y.double()).backward()
+            for k, (xin, gout, w) in enumerate(((x.double(), z1.grad, w0), (a1.detach(), z2.grad, w1))):
+                xs, gs = xin.reshape(-1, dims[k][1]), gout.reshape(-1, dims[k][0])
+                xtx[k] += xs.T @ xs
+                gtg[k] += gs.T @ gs
+                grads[k] += w.grad
+        for k in range(2):
+            cin[k] = cov_beta * cin[k] + (1 - cov_beta) * xtx[k]
+            cout[k] = cov_beta * cout[k] + (1 - cov_beta) * gtg[k]
+            if (t - 1) % freq == 0:
+                bc = 1 - cov_beta**t
+                roots[k] = (_root64(cout[k] / bc, damping), _root64(cin[k] / bc, damping))
+            p = roots[k][0] @ grads[k] @ roots[k][1]
+            m[k] = b1 * m[k] + (1 - b1) * p
+            ws[k] = ws[k] * (1 - lr * wd)
+            if adam:
+                v[k] = b2 * v[k] + (1 - b2) * p**2
+                ws[k] = ws[k] - lr * (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + eps)
+            else:
+                ws[k] = ws[k] - lr * m[k] / (1 - b1**t)
+    return ws[:2]
+
+
+def _run(opt, model, batches) -> None:
+    for micro in batches:
+        opt.zero_grad(set_to_none=True)
+        for x, y in micro:
+            F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("variant", ["iso", "iso-adam"])
+def test_matches_float64_transcription_over_steps(variant):
+    model = _model()
+    batches = _batches(6)
+    adam = variant == "iso-adam"
+    hp = {"lr": 0.02, "cov_beta": 0.9, "damping": 1e-2, "weight_decay": 0.1, "precondition_frequency": 2}
+    ref = _transcription(copy.deepcopy(model), batches, adam=adam, b1=0.9, b2=0.99, eps=1e-8, freq=2,
+                         **{k: hp[k] for k in ("lr", "cov_beta", "damping")}, wd=hp["weight_decay"])
+    if adam:
+        opt = _optimizer(iso.IsoAdam, model, betas=(0.9, 0.99), eps=1e-8, **hp)
+    else:
+        opt = _optimizer(iso.Iso, model, momentum=0.9, **hp)
+    _run(opt, model, batches)
+    for k, r in zip((0, 2), ref):
+        torch.testing.assert_close(model[k].weight.detach().double(), r, rtol=1e-5, atol=1e-6)
+
+
+def _first_update(scale_loss: float = 1.0, duplicate: bool = False) -> torch.Tensor:
+    model = _model()
+    w0 = model[0].weight.detach().clone()
+    opt = _optimizer(iso.Iso, model)
+    x, y = _batches(1)[0][0]
+    if duplicate:
+        x, y = torch.cat([x, x]), torch.cat([y, y])
+    (scale_loss * F.mse_loss(model(x), y)).backward()
+    opt.step()
+    return model[0].weight.detach() - w0
+
+
+def test_iso_update_is_invariant_to_loss_scale_and_batch_size():
+    base = _first_update()
+    torch.testing.assert_close(_first_update(scale_loss=1000.0), base, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(_first_update(duplicate=True), base, rtol=1e-4, atol=1e-7)
+    assert torch.linalg.matrix_norm(base, 2) <= iso.Config().lr * (1 + 1e-4)  # spectral norm of P is ≤ 1
+
+
+def test_step_and_capture_flops_match_flop_counter():
+    model = _model()
+    opt = iso.Iso([{"params": [model[2].weight]}], model=model, precondition_frequency=10)
+    shape, config = (5, 8), iso.Config(precondition_frequency=10)
+    expected = iso.step_flops(shape, config)
+    x, y = _batches(1)[0][0]
+    bare = copy.deepcopy(model)
+    counts, captured = [], []
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as fc:
+            F.mse_loss(model(x), y).backward()
+        with FlopCounterMode(display=False) as fc_bare:
+            F.mse_loss(bare(x), y).backward()
+        captured.append(fc.get_total_flops() - fc_bare.get_total_flops())
+        with FlopCounterMode(display=False) as fc:
+            opt.step()
+        counts.append(fc.get_total_flops())
+    assert counts == [expected.matmul + expected.refresh_matmul, expected.matmul]  # refresh step, ordinary step
+    assert captured == [iso.capture_flops(shape, tokens=12)] * 2
+    assert expected.refresh_other == 9 * (8**3 + 5**3) and expected.every == 10
+
+
+def test_state_bytes_exact_for_both_variants_and_dtypes():
+    from types import SimpleNamespace
+
+    from conftest import measured_state_bytes
+
+    for name, fn in (("iso", iso.state_bytes), ("iso-adam", iso.adam_state_bytes)):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = _model().to(dtype)
+            opt = po.build(name, model)
+            x, y = _batches(1)[0][0]
+            F.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
+            opt.step()
+            hidden = (model[0].weight, model[2].weight)  # the head is routed to AdamW
+            measured = measured_state_bytes(SimpleNamespace(state={p: opt.state[p] for p in hidden}))
+            assert measured == fn((8, 6), dtype, None) + fn((5, 8), dtype, None)
+
+
+def test_hooks_count_only_backpropagated_forwards_and_die_with_the_optimizer():
+    model = _model()
+    opt = po.build("iso", model)
+    x, y = _batches(1)[0][0]
+    with torch.no_grad():
+        model(x)
+    model(x)  # grad enabled but never back-propagated
+    assert not any("cov_in" in s for s in opt.state.values())
+    F.mse_loss(model(x), y).backward()
+    assert sum("cov_in" in s for s in opt.state.values()) == 2
+    before = {k: v.clone() for k, v in opt.state[model[0].weight].items() if torch.is_tensor(v)}
+    twin = copy.deepcopy(model)  # carries copies of the hooks; they must not touch this optimizer
+    F.mse_loss(twin(x), y).backward()
+    assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in before.items())
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_needs_the_model_and_observable_linear_layers():
+    with pytest.raises(ConfigError, match="needs the model"):
+        po.build("iso", [torch.randn(4, 4, requires_grad=True)])
+
+    class Raw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x @ self.w)
+
+    with pytest.raises(ConfigError, match="route it to adamw"):
+        po.build("iso-adam", Raw())
+
+    class Bypassed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(F.linear(x, self.inner.weight))  # the Linear's forward (and its hook) never runs
+
+    model = Bypassed()
+    opt = po.build("iso", model)
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(ConfigError, match="no inputs/output gradients were captured for inner.weight"):
+        opt.step()
+
+
+def test_transfers():
+    t = iso.adam_from_adamw(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert (t.config.lr, t.config.betas, t.config.weight_decay) == (3e-4, (0.9, 0.95), 0.1)
+    t = iso.from_adamw(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    assert (t.config.momentum, t.config.weight_decay, t.config.lr) == (0.9, 0.1, iso.Config.lr)
