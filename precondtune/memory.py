@@ -257,7 +257,7 @@ class MemoryPlanner:
                                checkpoint_blocks=s.checkpoint_blocks and hooked)
                 if hooked:
                     return trace_training(fm, batch, self.m.loss, build, autocast=autocast)
-                return trace_step(fm, build, grad_dtype=self.grad_dtype)
+                return trace_step(fm, build)  # torch requires .grad in the parameter's dtype
 
             self.m.traces[key] = extrapolate(run, self._n_blocks(), check=False)
         return self.m.traces[key]
@@ -291,6 +291,10 @@ class MemoryPlanner:
             persistent = sum(step_trace.after.get(k, 0)
                              for k in ("Parameter", "Buffer", "Gradient", "Optstate", "Other"))
             temporaries = max(0, step_peak - persistent)
+            if self.grad_dtype != self.step_dtype:  # gradients cast to the updated copy's dtype for the step
+                upcast = sum(_nbytes(i.shape, self.step_dtype) for i in self.m.infos)
+                temporaries += upcast
+                notes.append(f"gradients cast to {dtype_name(self.step_dtype)} for the step (+{upcast} B)")
         if self.state_dtype is not None and state != traced_state_dtype_state:
             notes.append(f"state traced in {dtype_name(self.step_dtype)}, counted in {dtype_name(self.state_dtype)}")
 

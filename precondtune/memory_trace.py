@@ -228,13 +228,12 @@ def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module,
     return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
 
 
-def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer], *,
-               grad_dtype: torch.dtype | None = None, extra: Any = None) -> Trace:
+def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer], *, extra: Any = None) -> Trace:
     """Peak bytes of two optimizer steps on fake gradients (state is created lazily in the first)."""
     with fm.mode, ScalarStub():
         for p in fm.model.parameters():
             if p.requires_grad:
-                p.grad = torch.zeros(p.shape, dtype=grad_dtype or p.dtype, device="cpu")
+                p.grad = torch.zeros(p.shape, dtype=p.dtype, device="cpu")
         opt = build(fm.model)
         mt = PhaseMemTracker()
         mt.track_external(fm.model, *_tensors(extra))

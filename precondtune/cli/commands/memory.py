@@ -67,30 +67,31 @@ def command(
 
 def _render(doc: dict) -> None:
     s, m = doc["settings"], doc["model"]
-    columns = ["optimizer", "state", "weights", "grads", "activations", "step temps", "peak", "phase", "fits",
-               "headroom"]
-    if s["reserve_bytes"] is not None and any("max_batch_size" in o for o in doc["optimizers"]):
+    columns = ["optimizer", "state", "activations", "step temps", "peak (phase)", "fits", "headroom"]
+    if any("max_batch_size" in o for o in doc["optimizers"]):
         columns.append("max batch")
     rows = []
     for o in doc["optimizers"]:
         b = o["bytes"]
-        row = [o["name"], human_bytes(b["optimizer_state"]), human_bytes(b["weights"] + b["master_weights"]),
-               human_bytes(b["gradients"]),
+        row = [o["name"], human_bytes(b["optimizer_state"]),
                human_bytes(b["activations"]) if o["activations_traced"] else "- (no batch)",
-               human_bytes(b["step_temporaries"]), human_bytes(b["total_peak"]), o["peak_phase"],
+               human_bytes(b["step_temporaries"]), f"{human_bytes(b['total_peak'])} ({o['peak_phase']})",
                "✓" if o["fits"] else "✗", human_bytes(o["headroom_bytes"])]
         if "max batch" in columns:
             row.append(o.get("max_batch_size", "-"))
         rows.append(row)
-    caption = (f"per GPU; {s['param_dtype']} params, {s['grad_dtype']} grads, {s['state_dtype']} state"
+    first = doc["optimizers"][0]["bytes"] if doc["optimizers"] else None
+    wg = "" if first is None else (f"weights {human_bytes(first['weights'] + first['master_weights'])}, "
+                                   f"gradients {human_bytes(first['gradients'])}; ")
+    caption = (f"per GPU; {wg}{s['param_dtype']} params, {s['grad_dtype']} grads, {s['state_dtype']} state"
                f"{', fp32 master weights' if s['master_weights'] else ''}"
                f"{', autocast ' + s['autocast'] if s['autocast'] else ''}"
                f"{', checkpointed blocks' if s['checkpoint_blocks'] else ''}; batch {s['batch_size']}; "
                f"world size {s['world_size']}, sharding {s['sharding']}; fit against {s['gpu']} "
                f"({human_bytes(s['gpu_memory_bytes'])}, {s['gpu_source']}) less a "
                f"{human_bytes(s['reserve_bytes'])} reserve (--reserve-gb)")
-    stdout.print(table(f"{m['path']}: memory of one training step ({m['trainable_parameters']:,} trainable "
-                       f"parameters)", columns, rows, caption=caption))
+    stdout.print(table(f"{m['path']}: one training step, {m['trainable_parameters']:,} trainable parameters",
+                       columns, rows, caption=caption))
     notes = sorted({n for o in doc["optimizers"] for n in o["notes"]})
     for n in notes:
         stdout.print(f"note: {n}", highlight=False, soft_wrap=True)
