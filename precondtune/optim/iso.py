@@ -11,16 +11,27 @@ For an ``nn.Linear`` with weight W ∈ ℝ^{out×in}, inputs X ∈ ℝ^{N×in} a
 
 With un-normalised XᵀX and GᵀG, P = (XᵀX)^{-1/2}·XᵀG·(GᵀG)^{-1/2} (transposed to W's layout) is invariant to
 any invertible linear map of the layer's inputs or outputs, to the loss scale and to the batch size — the
-paper's L_X = (AᵀXᵀXA)^{-1/2}, R_G = (BᵀGᵀGB)^{-1/2}; its spectral norm is at most 1, hence Iso's
+paper's L_X = (AᵀXᵀXA)^{-1/2}, R_G = (BᵀGᵀGB)^{-1/2}; its spectral norm is at most 1 (exactly when the
+roots come from the step's own batch; approximately with EMAs and roots refreshed every f steps), hence Iso's
 Muon-like default learning rate. IsoAdam normalises P elementwise as Adam does, so AdamW's lr, betas, eps and
 weight decay transfer (the paper's Algorithm 2). The damping δ is relative to the largest eigenvalue, which
 keeps that invariance and bounds by δ^{-1/2} how much a stale root (refreshed every f steps) can amplify a
 direction the covariance had not seen: output-gradient covariances are far from full rank (a 10-class head
 gives rank ≲ 10 per example); on examples/mlp.py a damping of 1e-4 of the mean eigenvalue diverged at
 lr 0.005–0.02 with f = 10, while δ = 1e-2 of λ_max trains. The eigen-solve runs in float32 on the
-symmetrised matrix (float64 if it fails). The paper fixes the preconditioner (L_X, R_G) and IsoAdam's
-composition with Adam; the EMAs, their bias corrections, Iso's momentum, the damping and the refresh period
-are precondtune's choices, stated here.
+symmetrised matrix (float64 if it fails).
+
+What comes from the paper and what does not. The paper's full text (its Algorithms 1 and 2) could not be read
+for this module, and no public code by its author was found; what was checked: the abstract (the update's norm
+is invariant to any linear map of the layer's inputs and outputs; IsoAdam lets Adam's hyperparameters transfer),
+the opening of §1 (a layer W ∈ ℝ^{n×m} with y = Wᵀx, so the paper's gradient is XᵀG, the transpose of
+``nn.Linear``'s ∇W = GᵀX used here), and a summary of the paper (source document 001: the preconditioner
+L_X = (AᵀXᵀXA)^{-1/2}, R_G = (BᵀGᵀGB)^{-1/2} of §2.2; IsoAdam, §4.1 / Algorithm 2, scales the preconditioned
+gradient elementwise as Adam does). Everything else is precondtune's documented choice, NOT taken from the
+paper: the covariance EMAs (cov_beta) and their bias correction, Iso's momentum and its bias correction, the
+damping δ = 1e-2·λ_max, the refresh period, the eigendecomposition, Iso's default lr 0.02 (Muon's public
+default, chosen because ‖P‖₂ ≤ 1 as for Muon's update) and the exact form of IsoAdam's Adam step (Adam's m, v,
+bias correction and ε applied to P, as written above).
 
 Only ``matrix``-role ``nn.Linear`` weights are preconditioned; everything else goes to AdamW by default. The
 output head is left to AdamW: its out×out covariance is vocab² (2.5·10⁹ entries at a 50k vocabulary), and
@@ -71,17 +82,18 @@ class Config:
     """Iso hyperparameters (momentum on the isometric gradient P, whose spectral norm is at most 1)."""
 
     lr: float = 0.02
-    """Learning rate; the update's spectral norm is at most lr (as for Muon, whose public default is 0.02)."""
+    """Learning rate; the update's spectral norm is at most lr. 0.02 is Muon's public default, a precondtune
+    choice (the paper's value for Iso was not available)."""
     momentum: float = 0.9
-    """EMA coefficient of P (with bias correction)."""
+    """EMA coefficient of P (with bias correction): precondtune's choice, not from the paper."""
     cov_beta: float = 0.95
-    """EMA coefficient of the input and output-gradient covariances (bias-corrected)."""
+    """EMA coefficient of the input and output-gradient covariances (bias-corrected): precondtune's choice."""
     damping: float = 1e-2
-    """δ: the covariances get δ·λ_max·I before the inverse square root (scale-free)."""
+    """δ: the covariances get δ·λ_max·I before the inverse square root (scale-free): precondtune's choice."""
     weight_decay: float = 0.0
     """Decoupled weight decay W ← W·(1 − lr·wd)."""
     precondition_frequency: int = 10
-    """Recompute the inverse square roots every f steps (always on the first)."""
+    """Recompute the inverse square roots every f steps (always on the first): precondtune's choice."""
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -101,11 +113,11 @@ class AdamConfig:
     weight_decay: float = 0.01
     """Decoupled weight decay W ← W·(1 − lr·wd)."""
     cov_beta: float = 0.95
-    """EMA coefficient of the input and output-gradient covariances (bias-corrected)."""
+    """EMA coefficient of the input and output-gradient covariances (bias-corrected): precondtune's choice."""
     damping: float = 1e-2
-    """δ: the covariances get δ·λ_max·I before the inverse square root (scale-free)."""
+    """δ: the covariances get δ·λ_max·I before the inverse square root (scale-free): precondtune's choice."""
     precondition_frequency: int = 10
-    """Recompute the inverse square roots every f steps (always on the first)."""
+    """Recompute the inverse square roots every f steps (always on the first): precondtune's choice."""
 
     def __post_init__(self) -> None:
         _check_common(self)
