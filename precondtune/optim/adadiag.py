@@ -3,14 +3,28 @@
 Every T steps (and on the first): P, Σ, Qᵀ = svd(G_t, full_matrices=True); between refreshes P, Q are kept.
 G̃ = Pᵀ G (AdaDiag, one-sided) or Pᵀ G Q (AdaDiag++, two-sided);
 M ← β1·M + (1−β1)·G̃;  V ← β2·V + (1−β2)·G̃²;  W ← W·(1 − η·λ) − η · P (M̂ / (√V̂ + ε)) [Qᵀ],
-with Adam's bias corrections M̂ = M/(1−β1ᵗ), V̂ = V/(1−β2ᵗ). The paper states the algorithm for m ≤ n; a tall
-matrix is rotated as its transpose, so the one-sided basis is always the smaller side's (min(m, n)² extra
-elements, the figure the paper's Table 3 counts). Matrix roles only; embeddings, the head and vectors go to
-AdamW by default, as in the paper's LLaMA runs (GaLore's code base: only attention/MLP matrices are rotated).
+with Adam's bias corrections M̂ = M/(1−β1ᵗ), V̂ = V/(1−β2ᵗ). A tall matrix is rotated as its transpose, so the
+one-sided basis is always the smaller side's (min(m, n)² extra elements). Matrix roles only; embeddings, the head
+and vectors go to AdamW by default, as in the paper's LLaMA runs (GaLore's code base: only attention/MLP
+matrices are rotated).
 
 State per matrix (state dtype = parameter dtype): P (m×m), Q (n×n, AdaDiag++ only), M and V (m×n each).
 At a refresh the moments are carried over unchanged, as Algorithm 1 does; ``project_moments=True`` moves them
 into the new basis instead (see :mod:`.kernels.svd_basis`).
+
+Checked against the paper (arXiv 2502.07488 as extracted in source document 004, whose formulas lost their
+symbols; no public code by the authors was found): the SVD of the gradient with ``full_matrices=True`` every T
+steps (§3.3), Pᵀ G / Pᵀ G Q with the update rotated back (§3.2, eqs. 7–9), an EMA of the rotated gradient
+accumulated before preconditioning (§3.3), Adam's bias corrections (App. C: "decay moment coefficients along
+with the bias-correction steps"), moments carried across refreshes (§4 analyses "momentum estimates
+accumulated across previous subspaces"; no projection step is described). The smaller side for the one-sided
+basis is fixed by the paper's Table 3: LLaMA-60M (d 512, f 1376, 8 layers, bf16) has Adam 0.23G, AdaDiag
+0.26G, AdaDiag++ 0.36G; the smaller-side basis gives 0.256G and both bases 0.361G, while a larger-side basis
+would give 0.332G (tests/test_memory_table3.py reproduces all four sizes). A third-party transcription of
+Algorithm 1 (github.com/junaidaliop/zij, canon/math/adadiag.md) agrees with the update above. NOT from the
+paper (its values were lost in extraction): the defaults β = (0.9, 0.999) and ε = 1e-8 (Adam's, which App. C
+says all optimizers share), T = 200 (GaLore's update_proj_gap; the paper uses one T for image and another for
+language tasks), weight decay 0 — precondtune's documented choices.
 """
 from __future__ import annotations
 
@@ -30,7 +44,8 @@ PAPER = "Nguyen, Liu, Chen & Liu 2025, arXiv 2502.07488"
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """AdaDiag / AdaDiag++ hyperparameters (Adam's defaults, which the paper uses for all optimizers)."""
+    """AdaDiag / AdaDiag++ hyperparameters: torch's Adam defaults (App. C of the paper uses one β and ε for all
+    optimizers; the values themselves were not legible)."""
 
     lr: float = 1e-3
     """Learning rate η."""
@@ -41,7 +56,8 @@ class Config:
     weight_decay: float = 0.0
     """Decoupled weight decay λ (0 in the GaLore LLaMA/C4 recipe the paper's language runs follow)."""
     svd_every: int = 200
-    """Refresh period T: the SVD basis is recomputed on steps 1, T+1, 2T+1, … (GaLore's update_proj_gap)."""
+    """Refresh period T: the SVD basis is recomputed on steps 1, T+1, 2T+1, … (200: GaLore's update_proj_gap, a
+    precondtune choice; the paper's values were not legible)."""
     project_moments: bool = False
     """Move M and V into the new basis at a refresh (False: carry them over unchanged, as Algorithm 1 does)."""
 

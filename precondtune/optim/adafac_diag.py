@@ -13,6 +13,15 @@ State per matrix (parameter dtype): r (m), c (n), M (m×n, with momentum), P (mi
 P and Q: m² + n²). At a refresh the moments are carried over (Alg. 2); ``project_moments=True`` moves M exactly
 and r, c by the diagonal transport of :mod:`.kernels.svd_basis`, which maps the rank-1 V̂ = r·c/mean(r) to the
 transported full second moment exactly (mean(r) is preserved).
+
+Checked against the paper (arXiv 2502.07488, App. A.1–A.2 and C, as extracted in source document 004; Algorithm
+2's formulas lost their symbols, and no public code by the authors was found): Adafactor's factored V̂ in the
+rotated basis; with momentum, a full first moment M normalised by V̂ ("Adafactor normalizes the first moment using
+the second-moment approximation", "updates parameters using the signal-to-noise ratio" M/√V, App. A.2), read here
+as N = M̂ before the division (not momentum of the clipped update, as in HF Transformers); bias corrections with
+constant β's (App. C); the memory of both variants (Table 3, reproduced by tests/test_memory_table3.py).
+Documented choices of precondtune, not read from the paper: clipping applied to M̂/√V̂ (Adafactor's d = 1 on the
+update), ε as a floor (1e-30), the defaults β = (0.9, 0.999), T = 200 and weight decay 0.
 """
 from __future__ import annotations
 

@@ -10,8 +10,19 @@ For an m×n matrix gradient G (rotated first for HfacDiag: G̃ = Pᵀ G [Q]), wi
   W ← W·(1 − η·λ) − η·[P]( ½(φ1ᵀ + 1ψᵀ) + clip(G / √V̂) )[Qᵀ],  clip(U) = U / max(1, RMS(U)/d).
 Hfac's normalisation: the factored momentum is divided by the matching factored second moment (u by r, v by
 s) while the current gradient is divided by the full rank-1 V̂ — unlike Adafactor, which divides one full
-momentum by V̂ (004, App. A.2). ε is placed as :mod:`.kernels.factored` places it (a floor under mean(r) and
-√V̂, as ``torch.optim.Adafactor`` does) rather than added to G² inside the statistics.
+momentum by V̂ (arXiv 2502.07488, App. A.2). ε is placed as :mod:`.kernels.factored` places it (a floor under
+mean(r) and √V̂, as ``torch.optim.Adafactor`` does) rather than added to G² inside the statistics.
+
+Sources. The H-Fac paper's algorithm could not be read here beyond its abstract (arXiv 2406.09958: rank-1
+parameterisation of both the momentum and the scaling), App. A.2 of arXiv 2502.07488 (the normalisation above) and
+Table 3 there (the memory, reproduced by tests/test_memory_table3.py); no public code by the authors was found. A
+third-party transcription of H-Fac's update (github.com/junaidaliop/zij, canon/math/hfac.md) agrees with every
+line above: u, v as EMAs of row/column means, r, s of row/column sums of G² (the same V̂ and the same √(r/n),
+√(s/m) as the means used here), time-corrected β̂₁, β̂₂ with β̂₁ also scaling φ, ψ, the ½ on φ + ψ, the clipped
+G/√V̂ and decoupled decay. Its one difference is ε, added to G² inside r, s there; the floor here is precondtune's
+documented choice (with ε = 1e-30 the two agree to float32 rounding unless squared gradients come within a few
+orders of ε, e.g. all-zero rows or columns). The defaults β = (0.9, 0.999), d = 1, ε = 1e-30 and, for HfacDiag,
+T = 200 are precondtune's choices, not values read from either paper.
 
 Matrix roles only; the rest go to AdamW by default (the paper's memory table counts them at Adam's 2·n).
 State per matrix: u, r (m each) and v, s (n each) in the parameter dtype; HfacDiag adds P (min(m,n)²) or,
@@ -38,7 +49,8 @@ PAPER_DIAG = "Nguyen, Liu, Chen & Liu 2025, arXiv 2502.07488, App. A.2 (HfacDiag
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """Hfac hyperparameters (Adam's β and lr scale, which both papers use)."""
+    """Hfac hyperparameters: torch's Adam β and lr scale (arXiv 2502.07488, App. C, shares one β setting across
+    all its optimizers, Hfac included; the values were not legible)."""
 
     lr: float = 1e-3
     """Learning rate η."""

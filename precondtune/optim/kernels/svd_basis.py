@@ -4,9 +4,10 @@ G = P Σ Qᵀ with P (m×m) and Q (n×n) orthogonal (``torch.linalg.svd(G, full_
 One-sided (AdaDiag):   G̃ = Pᵀ G,   update back U ↦ P U.
 Two-sided (AdaDiag++): G̃ = Pᵀ G Q, update back U ↦ P U Qᵀ.
 
-The paper states Algorithm 1 for m ≤ n, so the one-sided basis P is the *smaller* side's; a tall matrix is
-handled as its transpose (:func:`oriented`), which is what the paper's memory figures count (Table 3: the
-extra AdaDiag state is min(m, n)² per matrix). Every basis here is computed on that oriented view.
+The one-sided basis P is the *smaller* side's; a tall matrix is handled as its transpose (:func:`oriented`).
+That is what the paper's memory figures count (Table 3: the extra AdaDiag state is min(m, n)² per matrix; a
+larger-side basis would give 0.33G instead of the printed 0.26G for LLaMA-60M). Every basis here is computed on
+that oriented view.
 
 Moments across a refresh. The paper's Algorithm 1 keeps M and V unchanged when P, Q are recomputed (its
 convergence argument, §4, covers moments accumulated in earlier subspaces). :func:`project_linear` and
