@@ -17,10 +17,13 @@ In the second iteration of a real loop the forward and backward run with the opt
 peak is ``traced fwd/bwd peak + optimizer state``; the step's peak is traced with weights, gradients and state.
 
 **Repeated blocks.** Tracing is Python-speed (tens of microseconds per op), so for a model whose largest
-``nn.ModuleList`` holds ``L ≥ 8`` structurally identical blocks, each trace is run with 1, 2 and 3 blocks; if the
-three peaks lie exactly on a line (to the byte), the peak at ``L`` blocks is that line's value at ``L`` (identical
-blocks add identical bytes: activations in forward, gradients or activations in backward, state and foreach
-temporaries in the step). If they do not, or the truncated model fails to run, the full model is traced.
+``nn.ModuleList`` holds ``L ≥ 8`` structurally identical blocks, each trace is run with a few blocks and extended
+on a line to ``L`` (identical blocks add identical bytes: saved activations in forward; activations or gradients,
+whichever dominates, in backward; state and foreach temporaries in the step). The forward/backward trace uses 1, 2
+and 3 blocks and requires the three peaks to lie exactly on a line, else (or if the truncated model fails to run)
+the full model is traced. Optimizer-step traces use 1 and 2 blocks: a per-parameter loop's transient is constant
+in ``L`` and a multi-tensor (foreach) one is linear, both exact; a routed optimizer whose parts peak in different
+regimes could switch regime beyond 2 blocks, which a third point would not rule out either (docs/memory.md).
 """
 from __future__ import annotations
 
