@@ -654,7 +654,8 @@ def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None =
             "number": t.number, "state": t.state.name, "value": t.value,
             "reason": ua.get("pruned_reason") or ua.get("fail_reason") or "",
             "enqueued": ua.get("enqueued", ""), "steps_run": ua.get("steps_run"),
-            "median_step_seconds": ua.get("median_step_seconds"), "trial_seconds": ua.get("trial_seconds"),
+            "median_step_seconds": ua.get("median_step_seconds"), "train_seconds": ua.get("train_seconds"),
+            "trial_seconds": ua.get("trial_seconds"),
         }
         if seed_runs and t.number in seed_runs:
             s = _spread(seed_runs[t.number])
