@@ -69,7 +69,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu", default=None, help="also predict on this GPU profile")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 avoids OpenMP spin-wait stalls on a shared, oversubscribed machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {machine()}\n")
     for name in args.examples.split(","):
         mf = load_model_file(ROOT / "examples" / f"{name}.py")
