@@ -26,7 +26,6 @@ part of the step bandwidth-bound at ``mbu`` × peak memory bandwidth, with bytes
 """
 from __future__ import annotations
 
-import inspect
 import statistics
 import sys
 import time
@@ -219,17 +218,6 @@ def loop_hook(spec: po.OptimizerSpec) -> Callable[..., Any] | None:
     return getattr(_module_of(spec), "hessian_step", None)
 
 
-def spec_step_flops(spec: po.OptimizerSpec, info: ParamInfo, config: Any) -> po.StepFlops:
-    """``spec.step_flops(shape, config)``, passing ``info`` to the optimizers whose count depends on the role
-    (Muon counts a ``batched`` parameter as a stack of matrices, a conv kernel as one flattened matrix)."""
-    fn = spec.step_flops
-    try:
-        takes_info = "info" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        takes_info = False
-    return fn(info.shape, config, info=info) if takes_info else fn(info.shape, config)
-
-
 def bytes_moved(spec: po.OptimizerSpec, info: ParamInfo, config: Any, state_dtype: torch.dtype | None = None) -> int:
     """Bytes one step moves through memory for one parameter's elementwise work.
 
@@ -284,7 +272,7 @@ def analyze(name: str, infos: list[ParamInfo], *, tokens: int = 0, routing: Any 
     moved = 0
     periods: list[int] = []
     for a in po.route(main.name, infos, routing, **hp):
-        sf = spec_step_flops(a.spec, a.info, a.config)
+        sf = a.spec.flops(a.info, a.config)
         capture = capture_flops(a.spec, a.info, tokens)
         step += sf.matmul + capture
         refresh += sf.refresh

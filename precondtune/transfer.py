@@ -162,7 +162,7 @@ def _groups(name: str, infos: Sequence[ParamInfo], routing: list[dict[str, Any]]
 def _estimates(name: str, infos: Sequence[ParamInfo], routing: list[dict[str, Any]], hp: dict[str, Any]
                ) -> dict[str, Any]:
     return {"optimizer_state_bytes": optim.state_bytes(name, list(infos), routing=routing, **hp),
-            "optimizer_step_flops": optim.step_flops(name, list(infos), routing=routing, **hp).amortized}
+            "optimizer_step_flops": optim.amortized_step_flops(name, list(infos), routing=routing, **hp)}
 
 
 def _finish(name: str, infos: Sequence[ParamInfo], hp: dict[str, Any], routing: list[dict[str, Any]],

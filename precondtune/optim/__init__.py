@@ -36,9 +36,28 @@ from .registry import (
 )
 
 __all__ = [
-    "ALL_ROLES", "MATRIX_ROLES", "OptimizerSpec", "PrecondOptimizer", "Routed", "Rule", "StepFlops", "Transfer",
-    "Assignment", "available", "build", "check_range", "config_dict", "default_routing", "get_spec",
-    "make_config", "normalize", "resolve_names", "route", "specs", "state_bytes",
+    "ALL_ROLES",
+    "MATRIX_ROLES",
+    "Assignment",
+    "OptimizerSpec",
+    "PrecondOptimizer",
+    "Routed",
+    "Rule",
+    "StepFlops",
+    "Transfer",
+    "amortized_step_flops",
+    "available",
+    "build",
+    "check_range",
+    "config_dict",
+    "default_routing",
+    "get_spec",
+    "make_config",
+    "normalize",
+    "resolve_names",
+    "route",
+    "specs",
+    "state_bytes",
 ]
 
 
@@ -161,11 +180,9 @@ def state_bytes(name: str, model_or_infos: nn.Module | list[ParamInfo], *,
     return total
 
 
-def step_flops(name: str, model_or_infos: nn.Module | list[ParamInfo], *,
-               routing: Iterable[Rule | Mapping[str, Any]] | None = None, **hyperparameters: Any) -> StepFlops:
-    """Sum of per-parameter :class:`StepFlops` under the routing (refresh period: the main optimizer's)."""
+def amortized_step_flops(name: str, model_or_infos: nn.Module | list[ParamInfo], *,
+                         routing: Iterable[Rule | Mapping[str, Any]] | None = None, **hyperparameters: Any) -> float:
+    """Optimizer FLOPs per step under the routing, each parameter's refreshes spread over its own period
+    (``precondtune.flops`` adds hook and Hessian-estimate costs on top)."""
     infos = inventory(model_or_infos) if isinstance(model_or_infos, nn.Module) else model_or_infos
-    total = StepFlops()
-    for a in route(name, infos, routing, **hyperparameters):
-        total = total + a.spec.step_flops(a.info.shape, a.config)
-    return total
+    return sum(a.spec.flops(a.info, a.config).amortized for a in route(name, infos, routing, **hyperparameters))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -64,11 +65,6 @@ class StepFlops:
         """Per-step FLOPs with refreshes spread over their period."""
         return self.matmul + (self.refresh / self.every if self.every else 0.0)
 
-    def __add__(self, other: StepFlops) -> StepFlops:
-        every = self.every or other.every
-        return StepFlops(self.matmul + other.matmul, self.refresh_matmul + other.refresh_matmul,
-                         self.refresh_other + other.refresh_other, every)
-
 
 @dataclass(frozen=True)
 class Transfer:
@@ -109,6 +105,13 @@ class OptimizerSpec:
 
     def default_config(self) -> Any:
         return self.config_cls()
+
+    def flops(self, info: ParamInfo, config: Any) -> StepFlops:
+        """``step_flops(shape, config)``, passing ``info`` to optimizers whose count depends on the role
+        (Muon counts a ``batched`` parameter as a stack of matrices, a conv kernel as one flattened matrix)."""
+        if "info" in inspect.signature(self.step_flops).parameters:
+            return self.step_flops(info.shape, config, info=info)
+        return self.step_flops(info.shape, config)
 
     def config(self, **hyperparameters: Any) -> Any:
         """A validated Config; unknown keys name themselves and the valid ones."""

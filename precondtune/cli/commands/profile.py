@@ -6,8 +6,19 @@ import typer
 
 from ...modelfile import load_model_file
 from ...profiling import FLOP_METHOD, profile_model
-from ..common import BatchOpt, DebugOpt, DeviceOpt, JsonOpt, ModelArg, SeedOpt, emit_json, handle_errors, \
-    human_count, stdout, table
+from ..common import (
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelArg,
+    SeedOpt,
+    emit_json,
+    handle_errors,
+    human_count,
+    stdout,
+    table,
+)
 
 NAME = "profile"
 HELP = "Parameter inventory by role, forward+backward FLOPs per step, tokens per batch, measured step time."
