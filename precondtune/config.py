@@ -198,6 +198,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
         raise ConfigError(f"{path} is a directory; give a file name such as {path / 'recommended.yaml'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a config or report is an ordinary file
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -33,7 +33,15 @@ from .flops import flops_report, measure_step_times
 from .memory import MemorySettings, plan_memory
 from .modelfile import ModelFile
 from .profiling import Profile, profile_model, resolve_device
-from .search import AdamWReference, SearchResult, SearchSettings, open_storage, run_search, storage_url
+from .search import (
+    AdamWReference,
+    SearchResult,
+    SearchSettings,
+    fallback_routing,
+    open_storage,
+    run_search,
+    storage_url,
+)
 from .training import Schedule, TrainResult, prepare, train
 
 RANK_BY = ("time", "steps")
@@ -186,7 +194,8 @@ def measure_side_by_side(mf: ModelFile, settings: PlanSettings, cands: list[Cand
         progress("timing steps", k, len(order))
         every = int(c.cost["refresh_every"]) if c.cost and c.cost.get("refresh_every") else 0
         m = measure_step_times(mf, c.name, batch=batch, device=dev, steps=TIMED_STEPS, every=every,
-                               seed=settings.seed, hyperparameters=po_config(c))
+                               seed=settings.seed, hyperparameters=po_config(c),
+                               routing=fallback_routing(po.get_spec(c.name), settings.adamw))
         best[c.name] = min(best.get(c.name, math.inf), m.amortized_step_seconds)
     progress("timing steps", len(order), len(order))
     for c in cands:
@@ -198,7 +207,8 @@ def _rank_run(mf: ModelFile, settings: PlanSettings, cand: Candidate, steps: int
     runs = []
     for s in range(settings.seed, settings.seed + settings.seeds):
         data = prepare(mf, steps=steps, batch_size=settings.batch_size, seed=s, device=device)
-        runs.append(train(data, cand.name, po_config(cand), schedule=schedule))
+        runs.append(train(data, cand.name, po_config(cand), schedule=schedule,
+                          routing=fallback_routing(po.get_spec(cand.name), settings.adamw)))
     return runs
 
 
@@ -337,11 +347,11 @@ def recommended_config(result: PlanResult) -> dict[str, Any]:
 
     win = result.by_name[result.winner]  # type: ignore[index]
     spec = po.get_spec(win.name)
-    groups = []
-    other = [r for r in ("embedding", "head", "vector", "conv", "batched", "matrix") if r not in spec.roles]
-    if other:
-        groups.append({"match": "|".join(other), "optimizer": "adamw",
-                       "hyperparameters": plain(po.config_dict(po.get_spec("adamw").default_config()))})
+    # exactly the routing the searches and ranking runs used: the tuned AdamW's values, else AdamW's defaults
+    groups = fallback_routing(spec, result.settings.adamw) or fallback_routing(
+        spec, AdamWReference(**{k: v for k, v in po.config_dict(po.get_spec("adamw").default_config()).items()
+                                if k in ("lr", "betas", "eps", "weight_decay")})) or []
+    groups = [plain(g) for g in groups]
     adamw = result.by_name.get("adamw")
     return {
         "schema_version": 1,

@@ -241,6 +241,17 @@ def parse_assignments(text: str, *, option: str) -> dict[str, Any]:
     return out
 
 
+def fallback_routing(spec: OptimizerSpec, adamw: AdamWReference | None) -> list[dict[str, Any]] | None:
+    """With a tuned AdamW, the roles ``spec`` does not update keep the tuned AdamW values (the transfer rule's
+    fallback, :func:`precondtune.transfer.fallback_rules`); without one, the registry's default routing."""
+    if adamw is None or spec.name == "adamw":
+        return None
+    from .transfer import fallback_rules
+
+    return fallback_rules(spec, {"lr": adamw.lr, "betas": tuple(adamw.betas), "eps": adamw.eps,
+                                 "weight_decay": adamw.weight_decay}) or None
+
+
 def _base(spec: OptimizerSpec, adamw: AdamWReference | None) -> Any:
     if adamw is None:
         return None
@@ -413,6 +424,7 @@ class Objective:
         self.mf, self.settings = mf, settings
         self.spec = get_spec(settings.optimizer)
         self.base = _base(self.spec, settings.adamw)
+        self.routing = fallback_routing(self.spec, settings.adamw)
         self.knobs = Knobs.of(self.spec, self.base)
         fixed: dict[str, Any] = {}
         for item in settings.fixed:
@@ -457,7 +469,7 @@ class Objective:
                     return f"{pruner} pruner at step {step}: mean training loss {value:.4g}"
                 return None
 
-            result = train(self.data, self.spec.name, hp, schedule=self.schedule,
+            result = train(self.data, self.spec.name, hp, schedule=self.schedule, routing=self.routing,
                            report_every=self.settings.report_every, callback=report)
         except optuna.TrialPruned:
             raise
@@ -689,7 +701,8 @@ def _rerun_seeds(obj: Objective, study: optuna.Study, settings: SearchSettings) 
                     datas[s] = prepare(obj.mf, steps=settings.steps, batch_size=settings.batch_size, seed=s,
                                        device=obj.data.device)
                 try:
-                    r = train(datas[s], obj.spec.name, t.user_attrs["hyperparameters"], schedule=obj.schedule)
+                    r = train(datas[s], obj.spec.name, t.user_attrs["hyperparameters"], schedule=obj.schedule,
+                              routing=obj.routing)
                     cached = r.eval_loss if r.eval_loss is not None else math.inf
                 except Exception:  # noqa: BLE001 - a seed that crashes counts as a diverged run
                     cached = math.inf

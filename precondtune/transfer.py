@@ -93,7 +93,7 @@ def _plain_hp(config: Any) -> dict[str, Any]:
     return plain(optim.config_dict(config))
 
 
-def _fallback_rule(spec: optim.OptimizerSpec, adam_hp: dict[str, Any]) -> list[dict[str, Any]]:
+def fallback_rules(spec: optim.OptimizerSpec, adam_hp: dict[str, Any]) -> list[dict[str, Any]]:
     """Roles ``spec`` does not update -> AdamW with the tuned AdamW values (first match wins, so explicit)."""
     other = [r for r in ROLE_ORDER if r not in spec.roles]
     if not other:
@@ -226,7 +226,7 @@ def transfer(infos: Sequence[ParamInfo], to: str | Iterable[str] = "all", *, lr:
         spec = optim.get_spec(name)
         t = spec.from_adamw(lr=tuned.lr, betas=tuned.betas, eps=tuned.eps, weight_decay=tuned.weight_decay)
         hp = _plain_hp(t.config)
-        routing = _fallback_rule(spec, adam_hp) if spec.name != "adamw" else []
+        routing = fallback_rules(spec, adam_hp) if spec.name != "adamw" else []
         rule, shapes = t.rule, ()
         if spec.name == "muon" and target_convention is not None:
             to_mode = scale_mode(target_convention)

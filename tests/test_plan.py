@@ -131,3 +131,16 @@ def test_rank_by_steps_uses_equal_steps(tmp_path, rank_by):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {o["rank_steps"] for o in doc["optimizers"]} == {8}
+
+
+def test_tuned_adamw_values_reach_the_fallback_groups():
+    from precondtune.optim import build, get_spec
+    from precondtune.search import AdamWReference, fallback_routing
+
+    ref = AdamWReference(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    rules = fallback_routing(get_spec("muon"), ref)
+    assert rules and rules[0]["optimizer"] == "adamw" and rules[0]["hyperparameters"]["lr"] == 3e-3
+    assert fallback_routing(get_spec("adamw"), ref) is None and fallback_routing(get_spec("muon"), None) is None
+    opt = build("muon", load_example("chargpt").build(), routing=rules)
+    adam_groups = [g for g in opt.param_groups if g["role"] in ("embedding", "head", "vector")]
+    assert adam_groups and all(g["lr"] == 3e-3 and tuple(g["betas"]) == (0.9, 0.95) for g in adam_groups)
