@@ -39,6 +39,7 @@ from .memory_trace import (
     Trace,
     extrapolate,
     fake_copy,
+    quiet_fake_tensor_log,
     repeated_blocks,
     trace_forward_backward,
     trace_step,
@@ -228,7 +229,8 @@ class MemoryPlanner:
                 return trace_forward_backward(fm, batch, self.m.loss, autocast=autocast)
 
             try:
-                self.m.traces[key] = extrapolate(run, self._n_blocks())
+                with quiet_fake_tensor_log():
+                    self.m.traces[key] = extrapolate(run, self._n_blocks())
             except (ModelFileError, ConfigError):
                 raise
             except Exception as e:
@@ -259,7 +261,8 @@ class MemoryPlanner:
                     return trace_training(fm, batch, self.m.loss, build, autocast=autocast)
                 return trace_step(fm, build)  # torch requires .grad in the parameter's dtype
 
-            self.m.traces[key] = extrapolate(run, self._n_blocks(), check=False)
+            with quiet_fake_tensor_log():
+                self.m.traces[key] = extrapolate(run, self._n_blocks(), check=False)
         return self.m.traces[key]
 
     # -- the estimate -------------------------------------------------------------------------------------------

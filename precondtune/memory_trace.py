@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -320,3 +321,15 @@ def extrapolate(run: Callable[[int | None], Trace], blocks: int | None, *, check
 
 def _line(a: dict[str, int], b: dict[str, int], blocks: int) -> dict[str, int]:
     return {k: a.get(k, 0) + (blocks - 1) * (b.get(k, 0) - a.get(k, 0)) for k in {*a, *b}}
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Iterator[None]:
+    """FakeTensorMode logs a failing op's traceback before raising; the caller turns the error into one line."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -35,10 +35,12 @@ from .modelfile import ModelFile
 from .profiling import Profile, profile_model, resolve_device
 from .search import (
     AdamWReference,
+    Knobs,
     SearchResult,
     SearchSettings,
     fallback_routing,
     open_storage,
+    parse_assignments,
     run_search,
     storage_url,
 )
@@ -76,6 +78,10 @@ class PlanSettings:
     state_dtype: str | None = None
     adamw: AdamWReference | None = None
     seed: int = 0
+    fixed: tuple[str, ...] = ()
+    """``--set [NAME:]KEY=VALUE`` items."""
+    enqueue: tuple[str, ...] = ()
+    """``--enqueue [NAME:]KEY=VALUE[,...]`` items."""
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_BY:
@@ -154,6 +160,28 @@ Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
 
+def per_optimizer(items: tuple[str, ...], names: list[str], option: str) -> dict[str, tuple[str, ...]]:
+    """Split ``--set``/``--enqueue`` items by optimizer: ``NAME:...`` goes to NAME; a bare item goes to every
+    planned optimizer whose search space has all its keys (and is an error when none has them)."""
+    out: dict[str, list[str]] = {n: [] for n in names}
+    for item in items:
+        prefix, sep, rest = item.partition(":")
+        if sep and "=" not in prefix:
+            target = po.get_spec(prefix).name
+            if target not in out:
+                raise ConfigError(f"{option} {item!r}: {target} is not among the planned optimizers ({', '.join(names)})")
+            out[target].append(rest)
+            continue
+        keys = set(parse_assignments(item, option=option))
+        hit = [n for n in names if keys <= set(Knobs.of(po.get_spec(n)).valid())]
+        if not hit:
+            raise ConfigError(f"{option} {item!r}: no planned optimizer has the knob(s) {', '.join(sorted(keys))}; "
+                              f"see `precondtune tune MODEL --optimizer NAME --help` or prefix the item with NAME:")
+        for n in hit:
+            out[n].append(item)
+    return {n: tuple(v) for n, v in out.items()}
+
+
 def _noop_progress(desc: str, done: int, total: int) -> None:
     return None
 
@@ -220,16 +248,24 @@ def po_config(cand: Candidate) -> dict[str, Any]:
 
 
 def decide(candidates: list[Candidate]) -> tuple[str | None, str]:
-    """The recommendation and why: the lowest median loss, unless it does not beat AdamW beyond the noise."""
+    """The recommendation and why: the lowest median loss, unless it does not beat AdamW beyond the seed noise
+    (which needs at least two seeds to be measured at all), or AdamW itself did not finish its ranking run."""
     ranked = sorted((c for c in candidates if c.median is not None), key=lambda c: c.median)
     if not ranked:
         return None, "no optimizer completed a ranking run"
     best = ranked[0]
-    adamw = next((c for c in ranked if c.name == "adamw"), None)
-    if adamw is None or best.name == "adamw":
-        why = "lowest median eval loss" + ("" if adamw is None else "; no optimizer beat the tuned AdamW baseline")
-        return best.name, why
+    adamw = next((c for c in candidates if c.name == "adamw"), None)
+    if adamw is None:
+        return best.name, "lowest median eval loss (AdamW was not compared)"
+    if adamw.median is None:
+        return best.name, (f"lowest median eval loss ({best.median:.4f}); note the AdamW baseline did not finish "
+                           f"its ranking run ({adamw.status}{': ' + adamw.note if adamw.note else ''})")
+    if best.name == "adamw":
+        return "adamw", f"no optimizer beat the tuned AdamW baseline ({adamw.median:.4f})"
     gain = adamw.median - best.median
+    if min(len(adamw.rank_losses), len(best.rank_losses)) < 2:
+        return "adamw", (f"{best.name} reached {best.median:.4f} vs AdamW {adamw.median:.4f}, but with one seed the "
+                         "noise is unmeasured; rerun with --seeds 2 or more before switching")
     noise = max(adamw.spread, best.spread)
     if gain > noise:
         return best.name, (f"median eval loss {best.median:.4f} vs AdamW {adamw.median:.4f} (−{gain:.4f}), more "
@@ -247,6 +283,8 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     names = po.resolve_names(settings.optimizers)
     if "adamw" not in names:
         names = ["adamw", *names]  # the honest baseline is always searched
+    fixed = per_optimizer(settings.fixed, names, "--set")
+    enqueue = per_optimizer(settings.enqueue, names, "--enqueue")
 
     log("1/5 profiling the model")
     prof = profile_model(mf, batch_size=settings.batch_size, device=settings.device, measure_steps=3,
@@ -300,7 +338,8 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         log(f"{desc} — {missing} new trial(s)" + (" (resuming)" if missing < settings.trials else ""))
         s = SearchSettings(optimizer=c.name, trials=missing, steps=settings.steps, batch_size=settings.batch_size,
                            storage=storage, study_name=study, workers=settings.workers, timeout=settings.timeout,
-                           seeds=1, adamw=settings.adamw, device=settings.device, seed=settings.seed)
+                           seeds=1, adamw=settings.adamw, device=settings.device, seed=settings.seed,
+                           fixed=fixed[c.name], enqueue=enqueue[c.name])
 
         def tick(done: int, total: int, best: float | None, pruned: int, failed: int, _d: str = desc) -> None:
             progress(_d, done, max(total, 1))
@@ -377,7 +416,7 @@ def recommended_config(result: PlanResult) -> dict[str, Any]:
     }
 
 
-def write_outputs(result: PlanResult, out: Path) -> dict[str, Path]:
+def write_outputs(result: PlanResult, out: Path, fmt: str = "yaml") -> dict[str, Path]:
     """Write the config, report, plots and CSV into ``out`` (each file atomically)."""
     from . import report
     from .config import write as write_config
@@ -386,7 +425,7 @@ def write_outputs(result: PlanResult, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     if result.winner is not None:
-        files["config"] = write_config(recommended_config(result), out / "recommended.yaml")
+        files["config"] = write_config(recommended_config(result), out / f"recommended.{fmt}", fmt)
     frame = result.frame()
     tmp = out / ".results.csv.tmp"
     frame.to_csv(tmp, index=False)

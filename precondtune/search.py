@@ -72,6 +72,27 @@ class AdamWReference:
     eps: float = 1e-8
 
 
+def adamw_reference(lr: float | None, betas: str | None = None, weight_decay: float | None = None
+                    ) -> AdamWReference | None:
+    """``--adam-lr/--adam-betas/--adam-weight-decay`` as an :class:`AdamWReference` (None without ``--adam-lr``)."""
+    if lr is None:
+        if betas is not None or weight_decay is not None:
+            raise ConfigError("--adam-betas/--adam-weight-decay need --adam-lr (the tuned AdamW's learning rate)")
+        return None
+    if not lr > 0:
+        raise ConfigError(f"--adam-lr {lr}: give the tuned AdamW's positive learning rate")
+    b: tuple[float, ...] = AdamWReference.betas
+    if betas is not None:
+        try:
+            b = tuple(float(x) for x in betas.strip("[]() ").split(","))
+        except ValueError:
+            b = ()
+        if len(b) != 2 or not all(0 <= x < 1 for x in b):
+            raise ConfigError(f"--adam-betas {betas!r}: expected two values in [0, 1), e.g. 0.9,0.95")
+    wd = AdamWReference.weight_decay if weight_decay is None else weight_decay
+    return AdamWReference(lr=lr, betas=b, weight_decay=wd)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """Everything a search needs besides the model file; plain data, so worker processes receive it as is."""

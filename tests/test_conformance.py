@@ -145,3 +145,18 @@ def test_names_are_forgiving_and_unknown_ones_list_the_valid(name):
     assert spec.name == name
     with pytest.raises(UnknownNameError, match="valid"):
         po.get_spec(name + "-nope")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS_UNDER_TEST)
+def test_a_scheduler_may_warm_up_from_lr_zero(name):
+    model, x, y = _regression_model()
+    opt = _build(name, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 4)  # lr = 0 on the first step
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    (model(x) - y).pow(2).mean().backward()
+    opt.step()
+    sched.step()
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    _train(model, opt, lambda: (model(x) - y).pow(2).mean(), 3)

@@ -112,3 +112,15 @@ def test_default_loss_uses_dot_loss_and_mapping(tmp_path):
     model = mf.build()
     loss = mf.loss(model, mf.sample_batch(3))
     assert loss.dim() == 0 and loss.requires_grad
+
+
+def test_console_script_usage_errors_are_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    for args in (["memory", str(EXAMPLES / "mlp.py"), "--batch-size", "0"], ["no-such-command"],
+                 ["profile", str(EXAMPLES / "missing.py")]):
+        r = subprocess.run([sys.executable, "-m", "precondtune", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == ""

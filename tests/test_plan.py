@@ -73,7 +73,8 @@ def test_meta_model_gets_memory_and_overhead_and_a_note(tmp_path):
 
 def test_bad_options_one_line_exit_2(tmp_path):
     for args, expected in ((["-o", "nope"], "unknown optimizer"), (["--rank-by", "vibes"], "--rank-by"),
-                           (["--adam-betas", "0.9"], "--adam-lr"), (["--trials", "0"], "--trials")):
+                           (["--adam-betas", "0.9"], "--adam-lr"), (["--set", "nosuchknob=1"], "nosuchknob"),
+                           (["-o", "muon", "--set", "soap:lr=1"], "not among the planned")):
         r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), *args, "--out", str(tmp_path / "x")])
         assert r.exit_code == 2, (args, r.output)
         assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -88,6 +89,10 @@ def test_decision_keeps_adamw_within_seed_noise():
     assert decide([_cand("adamw", [2.00, 2.10]), _cand("muon", [1.99, 2.05])])[0] == "adamw"
     assert decide([_cand("adamw", [2.00, 2.02]), _cand("muon", [1.80, 1.82])])[0] == "muon"
     assert decide([_cand("adamw", [2.00, 2.02]), _cand("soap", [float("inf"), 1.0])])[0] == "adamw"
+    winner, why = decide([_cand("adamw", [2.0]), _cand("muon", [1.9])])
+    assert winner == "adamw" and "one seed" in why
+    winner, why = decide([_cand("adamw", [float("nan"), 2.0]), _cand("muon", [1.9, 1.95])])
+    assert winner == "muon" and "did not finish" in why
 
 
 def test_interrupted_plan_resumes_from_its_storage(tmp_path):
@@ -125,12 +130,17 @@ def test_interrupted_plan_resumes_from_its_storage(tmp_path):
 
 
 @pytest.mark.parametrize("rank_by", ["steps"])
-def test_rank_by_steps_uses_equal_steps(tmp_path, rank_by):
+def test_rank_by_steps_set_and_json_format(tmp_path, rank_by):
     r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw,adam-mini", *TINY, "--rank-by", rank_by,
+                            "--set", "adam-mini:weight_decay=0.0", "--set", "beta1=0.9", "--format", "json",
                             "--out", str(tmp_path / "r"), "--storage", "memory", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {o["rank_steps"] for o in doc["optimizers"]} == {8}
+    hp = {o["name"]: o["hyperparameters"] for o in doc["optimizers"]}
+    assert hp["adam-mini"]["weight_decay"] == 0.0
+    assert all(h["betas"][0] == pytest.approx(0.9) for h in hp.values())
+    assert json.loads((tmp_path / "r" / "recommended.json").read_text())["schema_version"] == 1
 
 
 def test_tuned_adamw_values_reach_the_fallback_groups():

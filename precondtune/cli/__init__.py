@@ -33,4 +33,29 @@ _register()
 
 
 def main() -> None:
-    app()
+    """Run the CLI; a bad option or argument is one line on stderr and exit code 2 (no usage panel)."""
+    import sys
+
+    try:  # typer >= 0.16 vendors click; older typers use click itself
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exceptions
+
+    usage_error = click_exceptions.UsageError
+    abort = getattr(click_exceptions, "Abort", KeyboardInterrupt)
+    exit_ = getattr(click_exceptions, "Exit", SystemExit)
+    try:
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
+    except usage_error as e:
+        message = e.format_message().strip()
+        if not message:  # `precondtune` alone: the help was shown
+            sys.exit(0)
+        hint = f" (see `precondtune {e.ctx.info_name} --help`)" if e.ctx is not None and e.ctx.parent else ""
+        print(f"error: {message}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except exit_ as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    sys.exit(code if isinstance(code, int) else 0)

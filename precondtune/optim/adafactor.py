@@ -52,7 +52,7 @@ class Config:
     """Decoupled weight decay X ← X·(1 − lr·wd) (torch's convention; the paper has none)."""
 
     def __post_init__(self) -> None:
-        check_range("lr", self.lr, self.lr > 0, "> 0")
+        check_range("lr", self.lr, self.lr >= 0, ">= 0 (0 lets a scheduler warm up from zero)")
         check_range("beta1", self.beta1, self.beta1 is None or 0 <= self.beta1 < 1, "None or [0, 1)")
         check_range("beta2", self.beta2, self.beta2 is None or 0 <= self.beta2 < 1, "None or [0, 1)")
         check_range("beta2_decay", self.beta2_decay, -1 <= self.beta2_decay <= 0, "[-1, 0]")

@@ -32,7 +32,7 @@ class Config:
     """Use torch's multi-tensor kernels."""
 
     def __post_init__(self) -> None:
-        check_range("lr", self.lr, self.lr > 0, "> 0")
+        check_range("lr", self.lr, self.lr >= 0, ">= 0 (0 lets a scheduler warm up from zero)")
         check_range("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                     "two values in [0, 1)")
         check_range("eps", self.eps, self.eps >= 0, ">= 0")

@@ -69,7 +69,7 @@ EIGH_FLOPS_N3 = 9
 
 
 def _check_common(c: Any) -> None:
-    check_range("lr", c.lr, c.lr > 0, "> 0")
+    check_range("lr", c.lr, c.lr >= 0, ">= 0 (0 lets a scheduler warm up from zero)")
     check_range("cov_beta", c.cov_beta, 0 <= c.cov_beta < 1, "[0, 1)")
     check_range("damping", c.damping, c.damping > 0, "> 0")
     check_range("weight_decay", c.weight_decay, c.weight_decay >= 0, ">= 0")

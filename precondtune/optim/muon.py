@@ -58,7 +58,7 @@ class Config:
     """Decoupled weight decay, W ← W·(1 − lr·wd)."""
 
     def __post_init__(self) -> None:
-        check_range("lr", self.lr, self.lr > 0, "> 0")
+        check_range("lr", self.lr, self.lr >= 0, ">= 0 (0 lets a scheduler warm up from zero)")
         check_range("momentum", self.momentum, 0 <= self.momentum < 1, "[0, 1)")
         check_range("ns_steps", self.ns_steps, isinstance(self.ns_steps, int) and 1 <= self.ns_steps <= 20,
                     "an integer in [1, 20]")

@@ -68,7 +68,7 @@ class Config:
     """Precision of the eigendecomposition: ``fp32`` or ``fp64``."""
 
     def __post_init__(self) -> None:
-        check_range("lr", self.lr, self.lr > 0, "> 0")
+        check_range("lr", self.lr, self.lr >= 0, ">= 0 (0 lets a scheduler warm up from zero)")
         check_range("betas", self.betas, len(self.betas) == 2 and 0 <= self.betas[0] < 1 and 0 < self.betas[1] <= 1,
                     "β₁ in [0, 1), β₂ in (0, 1]")
         check_range("eps", self.eps, self.eps > 0, "> 0")

@@ -8,9 +8,8 @@ import optuna
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ...errors import ConfigError
 from ...modelfile import load_model_file
-from ...search import AdamWReference, SearchResult, SearchSettings, run_search
+from ...search import SearchResult, SearchSettings, adamw_reference, run_search
 from ..common import (
     AdamBetasOpt,
     AdamLrOpt,
@@ -43,25 +42,6 @@ from ..common import (
 
 NAME = "tune"
 HELP = "One Optuna search for one optimizer: short full-schedule trials, pruning, resumable storage."
-
-
-def _adamw(lr: float | None, betas: str | None, wd: float | None) -> AdamWReference | None:
-    if lr is None:
-        if betas is not None or wd is not None:
-            raise ConfigError("--adam-betas/--adam-weight-decay need --adam-lr (the tuned AdamW's learning rate)")
-        return None
-    ref = AdamWReference(lr=lr)
-    if betas is not None:
-        try:
-            b = tuple(float(x) for x in betas.strip("[]() ").split(","))
-        except ValueError:
-            b = ()
-        if len(b) != 2 or not all(0 <= x < 1 for x in b):
-            raise ConfigError(f"--adam-betas {betas!r}: expected two values in [0, 1), e.g. 0.9,0.95")
-        ref = AdamWReference(lr=lr, betas=b, weight_decay=ref.weight_decay)  # type: ignore[arg-type]
-    if wd is not None:
-        ref = AdamWReference(lr=lr, betas=ref.betas, weight_decay=wd)
-    return ref
 
 
 def _fmt(v: object) -> str:
@@ -142,7 +122,7 @@ def command(
         settings = SearchSettings(
             optimizer=optimizer, trials=trials, steps=steps, batch_size=batch_size, storage=storage,
             study_name=study_name, workers=workers, timeout=timeout, fixed=tuple(set_ or ()),
-            enqueue=tuple(enqueue or ()), seeds=seeds, adamw=_adamw(adam_lr, adam_betas, adam_weight_decay),
+            enqueue=tuple(enqueue or ()), seeds=seeds, adamw=adamw_reference(adam_lr, adam_betas, adam_weight_decay),
             sampler=sampler.lower(), pruner=pruner.lower(), warmup=warmup, decay=decay.lower(), device=device,
             seed=seed)
         mf = load_model_file(model)
