@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import yaml
 import torch
 from conftest import load_example
 from typer.testing import CliRunner
@@ -244,3 +245,14 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args):
     assert r.exit_code == 2, r.output
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_recommended_yaml_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["transfer", MLP, "--lr", "3e-3", "--to", "soap"])
+    assert r.exit_code == 0, r.output
+    assert "wrote recommended.yaml" in r.stdout
+    assert yaml.safe_load((tmp_path / "recommended.yaml").read_text())["optimizer"] == "soap"
+    r = runner.invoke(app, ["transfer", MLP, "--lr", "3e-3", "--to", "muon,adam-mini"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "recommended").iterdir()) == ["adam-mini.yaml", "muon.yaml"]

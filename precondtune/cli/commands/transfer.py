@@ -86,8 +86,9 @@ def command(
     convention: Annotated[list[str] | None, typer.Option(
         "--convention", help="Muon lr convention (keller, moonlight, spectral). With --from muon give it twice: "
                              "the tuned lr's, then the target's; with --from adamw once: the target's.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the config here (with several optimizers: a "
-                                                          "directory, one <name>.yaml each).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the config here (default recommended.yaml; with "
+                                                          "several optimizers a directory, default recommended/, "
+                                                          "one <name>.yaml each).")] = None,
     format_: Annotated[Format | None, typer.Option("--format", help="yaml or json (default: by --out's suffix, "
                                                                      "else yaml).")] = None,
     json_: JsonOpt = False,
@@ -107,7 +108,10 @@ def command(
             weight_decay=None if weight_decay is None else _number("--weight-decay", weight_decay), source=from_,
             convention=conventions[0] if conventions else None,
             target_convention=conventions[1] if len(conventions) > 1 else None)
-        written = write_configs(results, out, format_.value if format_ else None) if out is not None else []
+        if out is None:
+            out = Path("recommended" if len(results) > 1 else
+                       f"recommended.{format_.value if format_ else 'yaml'}")
+        written = write_configs(results, out, format_.value if format_ else None)
         if json_:
             total, trainable = count_parameters(net)
             emit_json({"model": {"path": str(mf.path), "parameters": total, "trainable_parameters": trainable},
