@@ -80,7 +80,7 @@ def test_exponent_numbers_written_by_hand_are_floats(tmp_path):
     ({"param_groups": [{"match": "vector", "optimiser": "adamw"}]}, "optimiser"),
     ({"param_groups": [{"optimizer": "adamw"}]}, "match"),
     ({"param_groups": [{"match": "vector(", "optimizer": "adamw"}]}, "param_groups[0].match"),
-    ({"param_groups": [{"match": "matrix", "hyperparameters": {"lr": 0.0}}]}, "lr"),
+    ({"param_groups": [{"match": "matrix", "hyperparameters": {"lr": -0.5}}]}, "lr"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(tmp_path, change, key):
     doc = {**DOC, **change}
