@@ -51,13 +51,18 @@ def plots(result: PlanResult, out: Path) -> dict[str, Path]:
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(cands) + 1.5))
     names = [c.name for c in cands]
-    peaks = [c.memory["bytes"]["total_peak"] / GiB for c in cands]
-    state = [c.memory["bytes"]["optimizer_state"] / GiB for c in cands]
+    largest = max([c.memory["bytes"]["total_peak"] for c in cands] + [1])
+    on_scale = budget is not None and largest > 0.05 * budget
+    top = max(largest, budget) if budget and on_scale else largest
+    unit, scale = ("GiB", GiB) if top >= GiB else ("MiB", float(1 << 20))
+    peaks = [c.memory["bytes"]["total_peak"] / scale for c in cands]
+    state = [c.memory["bytes"]["optimizer_state"] / scale for c in cands]
     ax.barh(names, peaks, color=["tab:blue" if c.fits else "tab:red" for c in cands], label="total peak")
     ax.barh(names, state, color="tab:orange", alpha=0.8, label="optimizer state")
-    if budget:
-        ax.axvline(float(budget) / GiB, color="k", ls="--", label="budget")
-    ax.set_xlabel("GiB per GPU")
+    if budget and on_scale:
+        ax.axvline(float(budget) / scale, color="k", ls="--", label="budget")
+    note = f" (the {budget / GiB:.1f} GiB budget is off this scale)" if budget and not on_scale else ""
+    ax.set_xlabel(f"{unit} per GPU{note}")
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     ax.set_title("memory per optimizer against the budget")
@@ -85,12 +90,18 @@ def plots(result: PlanResult, out: Path) -> dict[str, Path]:
     ranked = [c for c in cands if c.curve]
     if ranked:
         fig, ax = plt.subplots(figsize=(8, 5))
+        finals = []
         for c in ranked:
-            xs = c.curve_seconds if result.settings.rank_by == "time" and c.curve_seconds else range(1, len(c.curve) + 1)
+            by_time = result.settings.rank_by == "time" and c.step_seconds
+            # x: steps × the side-by-side measured step time, the clock the ranking itself used
+            xs = [(i + 1) * c.step_seconds for i in range(len(c.curve))] if by_time else range(1, len(c.curve) + 1)
             w = max(1, len(c.curve) // 20)
             smooth = [sum(c.curve[max(0, i - w + 1): i + 1]) / len(c.curve[max(0, i - w + 1): i + 1])
                       for i in range(len(c.curve))]
+            finals.append(smooth[-1])
             ax.plot(list(xs), smooth, label=c.name, lw=2.2 if c.name == result.winner else 1.0)
+        if finals and all(math.isfinite(f) for f in finals):
+            ax.set_ylim(top=min(ax.get_ylim()[1], 2.0 * max(finals)))  # the interesting part, not the first steps
         ax.set_xlabel("seconds" if result.settings.rank_by == "time" else "step")
         ax.set_ylabel("training loss (moving mean)")
         ax.set_title(f"best config per optimizer (seed {result.settings.seed})")
