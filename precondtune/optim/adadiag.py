@@ -71,35 +71,6 @@ class Config:
                     "an integer >= 1")
 
 
-def refresh_basis_(state: dict[str, Any], g: torch.Tensor, *, two_sided: bool, transitions: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Recompute ``state["P"]`` (and ``"Q"``) from the oriented gradient ``g``, keeping the old basis when the SVD
-    cannot be computed. With ``transitions``, returns R_L = P_newᵀ P_old and R_R = Q_oldᵀ Q_new (in ``g``'s
-    dtype) so the caller can move its moments; ``None`` when the basis did not change. Shared by AdafacDiag and
-    HfacDiag."""
-    basis = svd_basis.svd_basis(g, two_sided=two_sided)
-    if basis is None:
-        return None
-    p_new, q_new = basis
-    moves = None
-    if transitions:
-        moves = svd_basis.transitions(p_new.to(g.dtype), state["P"].to(g.dtype),
-                                      None if q_new is None else q_new.to(g.dtype),
-                                      state["Q"].to(g.dtype) if two_sided else None)
-    state["P"].copy_(p_new)
-    if two_sided:
-        state["Q"].copy_(q_new)
-    return moves
-
-
-def init_basis(state: dict[str, Any], g: torch.Tensor, dtype: torch.dtype, *, two_sided: bool) -> None:
-    """Identity bases (used until the first SVD succeeds) in the state dtype."""
-    m, n = g.shape
-    state["P"] = torch.eye(m, dtype=dtype, device=g.device)
-    if two_sided:
-        state["Q"] = torch.eye(n, dtype=dtype, device=g.device)
-
-
 class AdaDiag(PrecondOptimizer):
     """AdaDiag (one-sided): Adam in the gradient's left singular basis."""
 
@@ -110,33 +81,22 @@ class AdaDiag(PrecondOptimizer):
         beta1, beta2 = c.betas
         for p in self._params_with_grad(group):
             state = self.state[p]
-            cd = svd_basis.compute_dtype(p.dtype)
-            g, transposed = svd_basis.oriented(p.grad)
-            g = g.to(cd)
-            if not state:
-                state["step"] = 0
-                init_basis(state, g, p.dtype, two_sided=self.two_sided)
-                state["exp_avg"] = torch.zeros(g.shape, dtype=p.dtype, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(g.shape, dtype=p.dtype, device=p.device)
-            state["step"] += 1
-            t = state["step"]
-            if (t - 1) % c.svd_every == 0:
-                moves = refresh_basis_(state, g, two_sided=self.two_sided, transitions=c.project_moments and t > 1)
-                if moves is not None:
-                    state["exp_avg"].copy_(svd_basis.project_linear(state["exp_avg"].to(cd), *moves))
-                    state["exp_avg_sq"].copy_(svd_basis.project_diagonal(state["exp_avg_sq"].to(cd), *moves))
-            basis_p = state["P"].to(cd)
-            basis_q = state["Q"].to(cd) if self.two_sided else None
-            g_rot = svd_basis.rotate(g, basis_p, basis_q)
+            rot = svd_basis.rotate_in(p, state, two_sided=self.two_sided, every=c.svd_every,
+                                      project_moments=c.project_moments)
+            cd = rot.grad.dtype
+            if rot.fresh:
+                state["exp_avg"] = torch.zeros(rot.grad.shape, dtype=p.dtype, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(rot.grad.shape, dtype=p.dtype, device=p.device)
+            if rot.moves is not None:
+                state["exp_avg"].copy_(svd_basis.project_linear(state["exp_avg"].to(cd), *rot.moves))
+                state["exp_avg_sq"].copy_(svd_basis.project_diagonal(state["exp_avg_sq"].to(cd), *rot.moves))
+            # Adam in the basis.
             exp_avg, exp_avg_sq = state["exp_avg"].to(cd), state["exp_avg_sq"].to(cd)
-            adam.update_moments_(exp_avg, exp_avg_sq, g_rot, beta1, beta2)
+            adam.update_moments_(exp_avg, exp_avg_sq, rot.grad, beta1, beta2)
             if exp_avg.dtype != p.dtype:
                 state["exp_avg"].copy_(exp_avg)
                 state["exp_avg_sq"].copy_(exp_avg_sq)
-            update = svd_basis.unrotate(adam.direction(exp_avg, exp_avg_sq, t, beta1, beta2, c.eps),
-                                        basis_p, basis_q)
-            adam.decay_(p, c.lr, c.weight_decay)
-            p.add_(svd_basis.restore(update, transposed, p.shape).to(p.dtype), alpha=-c.lr)
+            rot.apply_(p, adam.direction(exp_avg, exp_avg_sq, rot.step, beta1, beta2, c.eps), c.lr, c.weight_decay)
 
 
 class AdaDiagPP(AdaDiag):

@@ -32,7 +32,6 @@ import torch
 
 from ..dtypes import itemsize
 from . import _space
-from .adadiag import init_basis, refresh_basis_
 from .kernels import factored, svd_basis
 from .registry import MATRIX_ROLES, OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
@@ -80,29 +79,21 @@ class AdafacDiag(PrecondOptimizer):
         beta1, beta2 = c.betas
         for p in self._params_with_grad(group):
             state = self.state[p]
-            cd = svd_basis.compute_dtype(p.dtype)
-            g, transposed = svd_basis.oriented(p.grad)
-            g = g.to(cd)
-            if not state:
-                state["step"] = 0
-                init_basis(state, g, p.dtype, two_sided=c.two_sided)
-                state["row"], state["col"] = factored.zeros(g.shape, dtype=p.dtype, device=p.device)
+            rot = svd_basis.rotate_in(p, state, two_sided=c.two_sided, every=c.svd_every,
+                                      project_moments=c.project_moments)
+            cd, g_rot, t = rot.grad.dtype, rot.grad, rot.step
+            if rot.fresh:
+                state["row"], state["col"] = factored.zeros(g_rot.shape, dtype=p.dtype, device=p.device)
                 if beta1 > 0:
-                    state["exp_avg"] = torch.zeros(g.shape, dtype=p.dtype, device=p.device)
-            state["step"] += 1
-            t = state["step"]
-            if (t - 1) % c.svd_every == 0:
-                moves = refresh_basis_(state, g, two_sided=c.two_sided, transitions=c.project_moments and t > 1)
-                if moves is not None:
-                    r_left, r_right = moves
-                    state["row"].copy_((r_left * r_left) @ state["row"].to(cd))
-                    if r_right is not None:
-                        state["col"].copy_(state["col"].to(cd) @ (r_right * r_right))
-                    if "exp_avg" in state:
-                        state["exp_avg"].copy_(svd_basis.project_linear(state["exp_avg"].to(cd), r_left, r_right))
-            basis_p = state["P"].to(cd)
-            basis_q = state["Q"].to(cd) if c.two_sided else None
-            g_rot = svd_basis.rotate(g, basis_p, basis_q)
+                    state["exp_avg"] = torch.zeros(g_rot.shape, dtype=p.dtype, device=p.device)
+            if rot.moves is not None:
+                r_left, r_right = rot.moves
+                state["row"].copy_((r_left * r_left) @ state["row"].to(cd))
+                if r_right is not None:
+                    state["col"].copy_(state["col"].to(cd) @ (r_right * r_right))
+                if "exp_avg" in state:
+                    state["exp_avg"].copy_(svd_basis.project_linear(state["exp_avg"].to(cd), r_left, r_right))
+            # Adafactor in the basis.
             row, col = state["row"].to(cd), state["col"].to(cd)
             factored.update_(row, col, g_rot, 1 - beta2)
             numerator = g_rot
@@ -117,10 +108,7 @@ class AdafacDiag(PrecondOptimizer):
                 state["col"].copy_(col)
             update = factored.precondition(numerator, row, col, c.eps, bias_correction=1 - beta2**t)
             update.div_(max(1.0, factored.rms(update) / c.clip_threshold))
-            update = svd_basis.unrotate(update, basis_p, basis_q)
-            if c.weight_decay:
-                p.mul_(1 - c.lr * c.weight_decay)
-            p.add_(svd_basis.restore(update, transposed, p.shape).to(p.dtype), alpha=-c.lr)
+            rot.apply_(p, update, c.lr, c.weight_decay)
 
 
 def state_bytes(shape: tuple[int, ...], dtype: torch.dtype, config: Config, info: Any = None) -> int:

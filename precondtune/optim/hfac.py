@@ -39,7 +39,6 @@ from torch import Tensor
 
 from ..dtypes import itemsize
 from . import _space
-from .adadiag import init_basis, refresh_basis_
 from .kernels import factored, svd_basis
 from .registry import MATRIX_ROLES, OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
@@ -144,24 +143,11 @@ class HfacDiag(PrecondOptimizer):
     def _step_group(self, group: dict[str, Any], c: DiagConfig) -> None:
         for p in self._params_with_grad(group):
             state = self.state[p]
-            cd = svd_basis.compute_dtype(p.dtype)
-            g, transposed = svd_basis.oriented(p.grad)
-            g = g.to(cd)
-            if not state:
-                state["step"] = 0
-                init_basis(state, g, p.dtype, two_sided=c.two_sided)
-                _init_factors(state, *g.shape, p.dtype, p.device)
-            state["step"] += 1
-            t = state["step"]
-            if (t - 1) % c.svd_every == 0:
-                refresh_basis_(state, g, two_sided=c.two_sided)
-            basis_p = state["P"].to(cd)
-            basis_q = state["Q"].to(cd) if c.two_sided else None
-            rotated = hfac_direction(svd_basis.rotate(g, basis_p, basis_q), state, t, c)
-            update = svd_basis.unrotate(rotated, basis_p, basis_q)
-            if c.weight_decay:
-                p.mul_(1 - c.lr * c.weight_decay)
-            p.add_(svd_basis.restore(update, transposed, p.shape).to(p.dtype), alpha=-c.lr)
+            rot = svd_basis.rotate_in(p, state, two_sided=c.two_sided, every=c.svd_every)
+            if rot.fresh:
+                _init_factors(state, *rot.grad.shape, p.dtype, p.device)
+            # H-Fac in the basis.
+            rot.apply_(p, hfac_direction(rot.grad, state, rot.step, c), c.lr, c.weight_decay)
 
 
 def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -18,8 +18,13 @@ V ≥ 0 and preserves its row/column sums' meaning (a factored second moment mov
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from . import adam
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,6 +120,81 @@ def unrotate(u: Tensor, p: Tensor, q: Tensor | None = None) -> Tensor:
     """Back to the parameter's coordinates: P U (one-sided) or P U Qᵀ (two-sided)."""
     out = p @ u
     return out if q is None else out @ q.mT
+
+
+def init_basis(state: dict[str, Any], g: Tensor, dtype: torch.dtype, *, two_sided: bool) -> None:
+    """Identity bases (used until the first SVD succeeds) in the state dtype."""
+    m, n = g.shape
+    state["P"] = torch.eye(m, dtype=dtype, device=g.device)
+    if two_sided:
+        state["Q"] = torch.eye(n, dtype=dtype, device=g.device)
+
+
+def refresh_basis_(state: dict[str, Any], g: Tensor, *, two_sided: bool, with_transitions: bool = False
+                   ) -> tuple[Tensor, Tensor | None] | None:
+    """Recompute ``state["P"]`` (and ``"Q"``) from the oriented gradient ``g``, keeping the old basis when the SVD
+    cannot be computed. With ``with_transitions``, returns R_L = P_newᵀ P_old and R_R = Q_oldᵀ Q_new (in ``g``'s
+    dtype) so the caller can move its moments; ``None`` when the basis did not change."""
+    basis = svd_basis(g, two_sided=two_sided)
+    if basis is None:
+        return None
+    p_new, q_new = basis
+    moves = None
+    if with_transitions:
+        moves = transitions(p_new.to(g.dtype), state["P"].to(g.dtype),
+                            None if q_new is None else q_new.to(g.dtype),
+                            state["Q"].to(g.dtype) if two_sided else None)
+    state["P"].copy_(p_new)
+    if two_sided:
+        state["Q"].copy_(q_new)
+    return moves
+
+
+@dataclass(frozen=True)
+class Rotated:
+    """One parameter's gradient in its singular basis for this step, and the way back: what AdaDiag, AdafacDiag
+    and HfacDiag share, so each says only which update it runs in the basis. Made by :func:`rotate_in`."""
+
+    grad: Tensor
+    """G̃ = Pᵀ G [Q] of the oriented gradient, in the compute dtype."""
+    step: int
+    """t, counted from 1."""
+    fresh: bool
+    """The state was created on this step: the caller adds its own moments (shape ``grad.shape``)."""
+    moves: tuple[Tensor, Tensor | None] | None
+    """(R_L, R_R) when the basis changed on this step and transitions were asked for, else ``None``."""
+    basis_p: Tensor
+    basis_q: Tensor | None
+    transposed: bool
+
+    def apply_(self, param: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
+        """W ← W·(1 − η·λ) − η · P U [Qᵀ] for an update U computed in the basis (decoupled weight decay)."""
+        back = unrotate(update, self.basis_p, self.basis_q)
+        adam.decay_(param, lr, weight_decay)
+        param.add_(restore(back, self.transposed, param.shape).to(param.dtype), alpha=-lr)
+
+
+def rotate_in(param: Tensor, state: dict[str, Any], *, two_sided: bool, every: int,
+              project_moments: bool = False) -> Rotated:
+    """Orient ``param.grad`` (m ≤ n), cast it to the compute dtype, create ``state["step"]`` and identity bases
+    on first use (stored in the parameter's dtype), count the step, recompute the basis on steps 1, T+1, 2T+1, …
+    (T = ``every``) and rotate the gradient in. With ``project_moments``, a refresh after the first step also
+    returns the matrices that move the caller's moments into the new basis (:func:`project_linear`,
+    :func:`project_diagonal`)."""
+    g, transposed = oriented(param.grad)
+    g = g.to(compute_dtype(param.dtype))
+    fresh = not state
+    if fresh:
+        state["step"] = 0
+        init_basis(state, g, param.dtype, two_sided=two_sided)
+    state["step"] += 1
+    t = state["step"]
+    moves = None
+    if (t - 1) % every == 0:
+        moves = refresh_basis_(state, g, two_sided=two_sided, with_transitions=project_moments and t > 1)
+    basis_p = state["P"].to(g.dtype)
+    basis_q = state["Q"].to(g.dtype) if two_sided else None
+    return Rotated(rotate(g, basis_p, basis_q), t, fresh, moves, basis_p, basis_q, transposed)
 
 
 def transitions(p_new: Tensor, p_old: Tensor, q_new: Tensor | None = None,
