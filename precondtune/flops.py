@@ -42,7 +42,7 @@ from .errors import ConfigError, PrecondtuneError
 from .hardware import GPUProfile, resolve_profile
 from .inventory import ParamInfo, count_parameters, inventory
 from .modelfile import ModelFile, move_to, tokens_in
-from .profiling import FLOP_METHOD, count_train_flops, resolve_device
+from .profiling import FLOP_METHOD, count_train_flops, resolve_device, synchronize
 
 DEFAULT_MFU = 0.4
 """Assumed model-FLOP utilisation of matmuls: well-tuned large runs report 38–46% of dense peak (PaLM 46.2%,
@@ -325,11 +325,6 @@ def refresh_phase(times: list[float], every: int, offset: int = 0) -> tuple[int,
     return offset + phase + 1, means[phase], statistics.median(rest)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_step_times(mf: ModelFile, name: str, *, batch: Any, device: torch.device, steps: int = 10,
                        warmup: int = 3, every: int = 0, seed: int = 0, routing: Any = None,
                        hyperparameters: Mapping[str, Any] | None = None,
@@ -361,10 +356,10 @@ def measure_step_times(mf: ModelFile, name: str, *, batch: Any, device: torch.de
 
     times: list[float] = []
     for k in range(total):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         if k >= warmup:
             times.append(time.perf_counter() - t0)
         if on_step:

@@ -53,7 +53,8 @@ def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work on ``device`` so a wall-clock reading covers it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -62,12 +63,12 @@ def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int = 2
     """Wall-clock seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones (device synchronized)."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
 

@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 
 from .errors import ConfigError, PrecondtuneError
 from .inventory import count_parameters
-from .modelfile import ModelFile, load_model_file, move_to
+from .modelfile import ModelFile, _one_line, load_model_file, move_to
 from .optim import OptimizerSpec, config_dict, get_spec
 from .profiling import resolve_device
 from .training import Schedule, TrialData, prepare, train
@@ -215,10 +215,6 @@ def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
 
 
 # ----------------------------------------------------------------------------------------------------- knobs
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
 
 def parse_value(text: str) -> Any:
     """``"3"`` -> 3, ``"1e-3"`` -> 0.001, ``"true"`` -> True, ``"[0.9,0.95]"`` -> [0.9, 0.95], else the string."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from .modelfile import ModelFile, move_to
 from .optim import build
+from .profiling import synchronize
 
 DIVERGE_FACTOR = 3.0
 """A step loss above start + (factor−1)·|start| counts as divergence: a short run that triples its initial loss
@@ -144,11 +145,6 @@ def evaluate(mf: ModelFile, model: nn.Module, batches: list[Any], device: torch.
     return total / max(len(batches), 1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, schedule: Schedule,
           routing: Any = None, report_every: int = 0,
           callback: Callable[[int, float], str | None] | None = None,
@@ -183,7 +179,7 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
         opt.step()
         sched.step()
         value = float(loss.detach())  # synchronizes the device
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         losses.append(value)
         if step == 0:

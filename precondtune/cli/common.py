@@ -31,6 +31,13 @@ class Sharding(str, Enum):
     fsdp = "fsdp"
 
 
+class ConfigFormat(str, Enum):
+    """How a written config file is serialised (``--format``; by default from the output file's suffix)."""
+
+    yaml = "yaml"
+    json = "json"
+
+
 ModelArg = Annotated[str, typer.Argument(help="Model file (path/to/model.py or path/to/model.py:factory).",
                                          show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts).")]

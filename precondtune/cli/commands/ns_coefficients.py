@@ -10,7 +10,7 @@ from rich.markup import escape
 from ...config import write
 from ...errors import ConfigError
 from ...ns_coefficients import report
-from ..common import DebugOpt, JsonOpt, emit_json, handle_errors, stdout, table
+from ..common import ConfigFormat, DebugOpt, JsonOpt, emit_json, handle_errors, stdout, table
 
 NAME = "ns-coefficients"
 HELP = ("A per-step Newton–Schulz coefficient schedule for Muon (greedy minimax quintics) and its worst-case "
@@ -20,11 +20,6 @@ HELP = ("A per-step Newton–Schulz coefficient schedule for Muon (greedy minima
 class NsDtype(str, Enum):
     bf16 = "bf16"
     fp32 = "fp32"
-
-
-class Format(str, Enum):
-    yaml = "yaml"
-    json = "json"
 
 
 def _float(option: str, text: str) -> float:
@@ -55,7 +50,7 @@ def command(
                                                                       "(default 1.01 bf16, 1.002 fp32).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write a Muon recommended config with this "
                                                           "schedule.")] = None,
-    format_: Annotated[Format | None, typer.Option("--format", help="yaml or json (default: by --out's "
+    format_: Annotated[ConfigFormat | None, typer.Option("--format", help="yaml or json (default: by --out's "
                                                                      "suffix, else yaml).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random test matrices.")] = 0,
     json_: JsonOpt = False,

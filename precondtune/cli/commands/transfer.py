@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,16 +9,11 @@ from ...errors import ConfigError
 from ...inventory import count_parameters, inventory
 from ...modelfile import load_model_file
 from ...transfer import Transferred, transfer, write_configs
-from ..common import DebugOpt, JsonOpt, ModelArg, emit_json, handle_errors, human_bytes, stdout, table
+from ..common import ConfigFormat, DebugOpt, JsonOpt, ModelArg, emit_json, handle_errors, human_bytes, stdout, table
 
 NAME = "transfer"
 HELP = ("Hyperparameters transferred from a tuned AdamW (or a Muon lr in another convention) to other optimizers; "
         "writes the recommended config.")
-
-
-class Format(str, Enum):
-    yaml = "yaml"
-    json = "json"
 
 
 def _number(option: str, text: str) -> float:
@@ -89,7 +83,7 @@ def command(
     out: Annotated[Path | None, typer.Option("--out", help="Write the config here (default recommended.yaml; with "
                                                           "several optimizers a directory, default recommended/, "
                                                           "one <name>.yaml each).")] = None,
-    format_: Annotated[Format | None, typer.Option("--format", help="yaml or json (default: by --out's suffix, "
+    format_: Annotated[ConfigFormat | None, typer.Option("--format", help="yaml or json (default: by --out's suffix, "
                                                                      "else yaml).")] = None,
     json_: JsonOpt = False,
     debug: DebugOpt = False,
