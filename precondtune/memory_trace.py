@@ -214,6 +214,17 @@ class Trace:
     """Bytes per category when the trace ended (e.g. the optimizer state after the step)."""
 
 
+def _forward_backward(mt: PhaseMemTracker, model: nn.Module, batch: Any,
+                      loss: Callable[[nn.Module, Any], torch.Tensor], autocast: torch.dtype | None) -> None:
+    """One forward (under CPU autocast to ``autocast`` when given) and one backward, each in its own phase; the
+    loss tensor is released on return."""
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with mt.in_phase("forward"), ctx:
+        out = loss(model, batch)
+    with mt.in_phase("backward"):
+        out.backward()
+
+
 def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], torch.Tensor], *,
                            autocast: torch.dtype | None = None) -> Trace:
     """Peak bytes of one forward and one backward of the fake model (weights, buffers and the batch included)."""
@@ -222,12 +233,7 @@ def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module,
         mt = PhaseMemTracker()
         mt.track_external(fm.model, *_tensors(fb))
         with mt:
-            ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-            with mt.in_phase("forward"), ctx:
-                out = loss(fm.model, fb)
-            with mt.in_phase("backward"):
-                out.backward()
-            del out
+            _forward_backward(mt, fm.model, fb, loss, autocast)
         after = mt.categories()
     return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
 
@@ -267,12 +273,7 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
                     for phase in ("forward", "backward"):
                         mt.peaks.pop(phase, None)
                         mt.peak_snaps.pop(phase, None)
-                ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-                with mt.in_phase("forward"), ctx:
-                    out = loss(fm.model, fb)
-                with mt.in_phase("backward"):
-                    out.backward()
-                del out
+                _forward_backward(mt, fm.model, fb, loss, autocast)
                 with mt.in_phase("step"):
                     opt.step()
                 after = mt.categories()
