@@ -236,7 +236,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"Model: {s['layers']} × [Linear(d, {s['expand']}d), Linear({s['expand']}d, d), LayerNorm]; "
             f"median of {s['steps']} steps after {s['warmup']} warm-up steps, {s['clock']} clock.")
     lines = [head, "",
-             "| d | params | optimizer | timed on | ours (ms) | reference | ref (ms) | ours/ref | min/min | ours/torch AdamW |",
+             "| d | params | optimizer | timed on | ours (ms) | reference | ref (ms) | ours/ref | min/min "
+             "| ours/torch AdamW |",
              "|---|---:|---|---|---:|---|---:|---:|---:|---:|"]
 
     def f(x: float | None, spec: str) -> str:

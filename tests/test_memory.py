@@ -115,7 +115,8 @@ def test_checkpoint_blocks_reduces_activations():
 
 # --- Adam-mini paper (arXiv 2406.16793) Table 1: fp32 optimizer state, GB = 1e9 bytes -------------------------
 TABLE1 = {  # name: (config, AdamW GB, Adam-mini GB)
-    "gpt2-1.5b": ({"vocab": 50257, "d": 1600, "layers": 48, "heads": 25, "ffn": 6400, "kv": 1600, "tied": True, "gpt2": True},
+    "gpt2-1.5b": ({"vocab": 50257, "d": 1600, "layers": 48, "heads": 25, "ffn": 6400, "kv": 1600, "tied": True,
+                   "gpt2": True},
                   12.48, 6.24),
     "llama2-7b": ({"vocab": 32000, "d": 4096, "layers": 32, "heads": 32, "ffn": 11008, "kv": 4096}, 53.92, 26.96),
     "llama3-8b": ({"vocab": 128256, "d": 4096, "layers": 32, "heads": 32, "ffn": 14336, "kv": 1024}, 64.24, 32.12),

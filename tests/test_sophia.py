@@ -103,7 +103,9 @@ def test_hutchinson_estimate_is_u_times_hessian_vector_product():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     params = list(model.parameters())
-    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()
+    def loss_fn(m, b):
+        return (m(b[0]) - b[1]).pow(2).mean()
+
     ests = sophia.hutchinson_estimate(params, model, (x, y), loss_fn, generator=torch.Generator().manual_seed(9))
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     shapes = [p.shape for p in params]

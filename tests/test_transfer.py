@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-import yaml
 import torch
+import yaml
 from conftest import load_example
 from typer.testing import CliRunner
 
