@@ -66,12 +66,7 @@ def _counted_steps(mf, name: str, hp: dict, steps: int) -> tuple[list[int], int,
     return out, train, analytic
 
 
-KNOWN = {
-    ("shampoo", "cnn"): "kernels.eigen.mode_gram of the size-1 mode of the (8, 1, 3, 3) conv kernel: tensordot "
-                        "lowers the 1×1 result to a dot product, which FlopCounterMode does not count "
-                        "(gram_flops says 2·72·1 = 144)",
-    ("soap", "cnn"): "the same size-1 mode gram as shampoo (shared kernels.eigen)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 """Discrepancies between an optimizer module's analytic count and FlopCounterMode, as found (strict: a fix
 turns the case into an XPASS failure, which says to delete its line here)."""
 CASES = [pytest.param(n, ex, marks=pytest.mark.xfail(reason=KNOWN[n, ex], strict=True) if (n, ex) in KNOWN else ())

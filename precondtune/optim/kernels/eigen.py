@@ -101,8 +101,8 @@ def mode_gram(g: Tensor, dim: int) -> Tensor:
         return g.unsqueeze(1) @ g.unsqueeze(0)
     if g.dim() == 2:
         return g @ g.mT if dim == 0 else g.mT @ g
-    other = [k for k in range(g.dim()) if k != dim]
-    return torch.tensordot(g, g, dims=(other, other))
+    m = g.movedim(dim, 0).reshape(g.shape[dim], -1)  # G₍ᵢ₎ as one matmul, even for a size-1 mode
+    return m @ m.mT
 
 
 def to_basis(x: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
