@@ -43,6 +43,7 @@ from .hardware import GPUProfile, resolve_profile
 from .inventory import ParamInfo, count_parameters, inventory
 from .modelfile import ModelFile, move_to, tokens_in
 from .profiling import FLOP_METHOD, count_train_flops, resolve_device, synchronize
+from .training import find_hook
 
 DEFAULT_MFU = 0.4
 """Assumed model-FLOP utilisation of matmuls: well-tuned large runs report 38–46% of dense peak (PaLM 46.2%,
@@ -212,12 +213,6 @@ def capture_flops(spec: po.OptimizerSpec, info: ParamInfo, tokens: int) -> int:
     return int(hook(info.shape, tokens)) if hook is not None and tokens else 0
 
 
-def loop_hook(spec: po.OptimizerSpec) -> Callable[..., Any] | None:
-    """The optimizer's training-loop hook, if its module has one: ``hessian_step(opt, model, batch, loss_fn,
-    logits_fn)``, called after ``backward`` and before ``step`` (Sophia's Hessian estimate)."""
-    return getattr(_module_of(spec), "hessian_step", None)
-
-
 def bytes_moved(spec: po.OptimizerSpec, info: ParamInfo, config: Any, state_dtype: torch.dtype | None = None) -> int:
     """Bytes one step moves through memory for one parameter's elementwise work.
 
@@ -331,7 +326,8 @@ def measure_step_times(mf: ModelFile, name: str, *, batch: Any, device: torch.de
                        on_step: Callable[[int, int], None] | None = None) -> Measured:
     """Time ``warmup`` + N whole training steps of ``name`` (each step timed on its own, device synchronized).
 
-    A step is zero_grad, forward, backward, the optimizer's loop hook if it has one (:func:`loop_hook`), step.
+    A step is zero_grad, forward, backward, the training-loop hook the optimizer needs, if any
+    (:func:`precondtune.training.find_hook`: Sophia's Hessian estimate, also when Sophia is a routed part), step.
 
     N = ``steps``, raised to cover two refresh periods (one when ``every`` > 32) so the refresh step's own time
     is measured; periods over :data:`MAX_REFRESH_WINDOW` are not covered.
@@ -345,7 +341,7 @@ def measure_step_times(mf: ModelFile, name: str, *, batch: Any, device: torch.de
         n = max(steps, 2 * every if every <= 32 else every)
     total = warmup + n
 
-    hook = loop_hook(po.get_spec(name))
+    hook = find_hook(opt)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -682,7 +682,17 @@ class SearchResult:
         return {"study": self.study, "storage": self.storage, "optimizer": self.optimizer, "model": self.model,
                 "best": best, "trials": self.counts, "new_trials": self.new, "steps": self.steps,
                 "steps_saved_by_pruning": self.steps_saved_by_pruning, "first_failure": self.first_failure,
-                "top": json.loads(top.to_json(orient="records"))}
+                "top": [{k: _unjson(v) for k, v in row.items()} for row in json.loads(top.to_json(orient="records"))]}
+
+
+def _unjson(v: Any) -> Any:
+    """The frame keeps list/dict hyperparameters as JSON text (one CSV cell each); JSON output gets them back."""
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
 
 
 def _spread(values: list[float]) -> dict[str, float | None]:

@@ -23,6 +23,7 @@ from precondtune.errors import ConfigError
 from precondtune.inventory import ParamInfo, inventory
 from precondtune.modelfile import load_model_file, tokens_in
 from precondtune.profiling import count_train_flops
+from precondtune.training import find_hook
 
 REQUIRED = ("muon", "soap", "shampoo", "galore")
 """The optimizers the analytic == counted check must cover on every example; the rest run on mlp and cnn."""
@@ -52,7 +53,7 @@ def _counted_steps(mf, name: str, hp: dict, steps: int) -> tuple[list[int], int,
     train = count_train_flops(mf, model, batch)
     analytic = flops.analyze(name, inventory(model), tokens=tokens_in(batch), hyperparameters=hp)
     opt = po.build(name, model, **hp)
-    hook = flops.loop_hook(po.get_spec(name))
+    hook = find_hook(opt)
     out = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)

@@ -127,7 +127,7 @@ def command(
             seed=seed)
         mf = load_model_file(model)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=stderr, transient=True)
+                       console=stderr, transient=True, disable=not stderr.is_terminal)
         task = bar.add_task(f"tune {optimizer}", total=trials)
 
         def on_study(name: str, url: str) -> None:
