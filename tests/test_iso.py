@@ -229,3 +229,26 @@ def test_transfers():
     assert (t.config.lr, t.config.betas, t.config.weight_decay) == (3e-4, (0.9, 0.95), 0.1)
     t = iso.from_adamw(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     assert (t.config.momentum, t.config.weight_decay, t.config.lr) == (0.9, 0.1, iso.Config.lr)
+
+
+def test_cov_beta_follows_the_loaded_param_groups():
+    """After load_state_dict, the hooks read the optimizer's current groups, not the ones it was built with."""
+    import precondtune.optim as po
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    opt = po.build("iso", model, cov_beta=0.5)
+    part = next(p for p in getattr(opt, "parts", [opt]) if type(p).__name__.lower().startswith("iso"))
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        if "cov_beta" in g:
+            g["cov_beta"] = 0.9
+    opt.load_state_dict(sd)
+    x = torch.randn(16, 4)
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    x1 = model[0](x)  # the second layer's input
+    state = part.state[model[1].weight]
+    assert state["captured"]
+    torch.testing.assert_close(state["cov_in"], (1 - 0.9) * (x1.mT @ x1).detach())  # 0.5 with the stale groups

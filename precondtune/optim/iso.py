@@ -180,14 +180,14 @@ class _IsoBase(PrecondOptimizer):
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 linears.setdefault(id(module.weight), []).append(module)
-        self._group_of: dict[Tensor, dict[str, Any]] = {}
+        self._group_index: dict[Tensor, int] = {}  # an index, not the dict: load_state_dict replaces the groups
         self._names: dict[Tensor, str] = {}
         self._handles: list[Any] = []
         ref = weakref.ref(self)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             names = group.get("names") or [f"param{k}" for k in range(len(group["params"]))]
             for p, pname in zip(group["params"], names):
-                self._group_of[p], self._names[p] = group, pname
+                self._group_index[p], self._names[p] = index, pname
                 if id(p) not in linears:
                     raise ConfigError(f"{name} can only precondition nn.Linear weights; {pname} (shape "
                                       f"{tuple(p.shape)}) is not one: route it to adamw, e.g. "
@@ -222,10 +222,10 @@ class _IsoBase(PrecondOptimizer):
     @torch.no_grad()
     def _capture(self, p: Tensor, x: Tensor, grad: Tensor) -> None:
         """Fold one (X, G) pair into the covariance EMAs (the decay is applied once per step)."""
-        group = self._group_of.get(p)
-        if group is None:  # a hook copied along with the module (copy.deepcopy(model)): not ours
+        index = self._group_index.get(p)
+        if index is None:  # a hook copied along with the module (copy.deepcopy(model)): not ours
             return
-        beta = self.group_config(group).cov_beta
+        beta = self.group_config(self.param_groups[index]).cov_beta
         state = self._state(p)
         if not state["captured"]:
             state["cov_in"].mul_(beta)
