@@ -233,8 +233,9 @@ def test_transfers():
 
 def test_cov_beta_follows_the_loaded_param_groups():
     """After load_state_dict, the hooks read the optimizer's current groups, not the ones it was built with."""
-    import precondtune.optim as po
     from torch import nn
+
+    import precondtune.optim as po
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
