@@ -30,6 +30,7 @@ import pandas as pd
 from . import optim as po
 from .errors import ConfigError
 from .flops import flops_report, measure_step_times
+from .inventory import inventory
 from .memory import MemorySettings, plan_memory
 from .modelfile import ModelFile
 from .profiling import Profile, profile_model, resolve_device
@@ -307,9 +308,14 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     for c in candidates:
         c.cost = costs.get(c.name)
 
-    fitting = [c for c in candidates if c.fits]
+    infos = inventory(mf.build())
     for c in candidates:
-        if not c.fits:
+        if c.name != "adamw" and not any(a.spec.name == c.name for a in po.route(c.name, infos)):
+            c.status = "not applicable"
+            c.note = "the model has no parameter of a role it updates; everything would go to AdamW"
+    fitting = [c for c in candidates if c.fits and c.status != "not applicable"]
+    for c in candidates:
+        if not c.fits and c.status != "not applicable":
             c.status = "does not fit"
             c.note = f"over the budget by {-int(c.memory.get('headroom_bytes', 0)) / 2**30:.2f} GiB"
     meta = prof.meta

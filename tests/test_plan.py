@@ -154,3 +154,19 @@ def test_tuned_adamw_values_reach_the_fallback_groups():
     opt = build("muon", load_example("chargpt").build(), routing=rules)
     adam_groups = [g for g in opt.param_groups if g["role"] in ("embedding", "head", "vector")]
     assert adam_groups and all(g["lr"] == 3e-3 and tuple(g["betas"]) == (0.9, 0.95) for g in adam_groups)
+
+
+def test_an_optimizer_with_nothing_to_update_is_not_applicable(tmp_path):
+    path = tmp_path / "nomat.py"
+    path.write_text("import torch\nfrom torch import nn\nclass M(nn.Module):\n    def __init__(self):\n"
+                    "        super().__init__()\n        self.emb = nn.Embedding(10, 4)\n"
+                    "    def forward(self, x):\n        return self.emb(x).pow(2).mean()\n"
+                    "def build_model():\n    return M()\n"
+                    "def sample_batch(n):\n    return torch.randint(10, (n, 3))\n")
+    r = runner.invoke(app, ["plan", str(path), "-o", "adamw,muon", *TINY, "--storage", "memory",
+                            "--out", str(tmp_path / "r"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    muon = next(o for o in doc["optimizers"] if o["name"] == "muon")
+    assert muon["status"] == "not applicable" and muon["median_eval_loss"] is None
+    assert doc["winner"] == "adamw"
