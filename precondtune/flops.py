@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import optim as po
 from .dtypes import dtype_name, itemsize, parse_dtype
@@ -463,8 +462,3 @@ def flops_report(mf: ModelFile, optimizers: str | list[str] = "all", *, batch_si
         matmul_dtype=matmul_dtype,
         predicted_train_seconds=train_flops / (mfu * profile.peak_flops(matmul_dtype)) if profile else None,
     )
-
-
-def model_step_flops(name: str, model: nn.Module, *, tokens: int = 0, **hyperparameters: Any) -> Analytic:
-    """:func:`analyze` for an ``nn.Module`` (works on meta-device models)."""
-    return analyze(name, inventory(model), tokens=tokens, hyperparameters=hyperparameters)

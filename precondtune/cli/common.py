@@ -47,7 +47,6 @@ GpuOpt = Annotated[str | None, typer.Option("--gpu", help="Plan for this GPU pro
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size passed to sample_batch.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", "-o", help="NAME[,NAME...] or all.")]
-ParamDtypeOpt = Annotated[str, typer.Option("--param-dtype", help="fp32, bf16, fp16.")]
 StateDtypeOpt = Annotated[str | None, typer.Option("--state-dtype", help="Optimizer state dtype (default: param dtype).")]
 WorldSizeOpt = Annotated[int, typer.Option("--world-size", help="GPUs sharing the job.")]
 ShardingOpt = Annotated[Sharding, typer.Option("--sharding", help="none, zero1, zero2 or fsdp.")]

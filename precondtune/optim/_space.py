@@ -23,8 +23,3 @@ def suggest_lr(trial: Any, default: float, base: Any = None, *, low: float | Non
 def suggest_beta(trial: Any, name: str, low: float, high: float) -> float:
     """β in ``[low, high]`` sampled as 1−β on a log scale; the trial param is named ``one_minus_<name>``."""
     return 1 - trial.suggest_float(f"one_minus_{name}", 1 - high, 1 - low, log=True)
-
-
-def betas_from_params(params: dict[str, Any], names: tuple[str, ...] = ("beta1", "beta2")) -> dict[str, float]:
-    """Recover β values from a trial's ``one_minus_*`` params (for reports and configs)."""
-    return {n: 1 - params[f"one_minus_{n}"] for n in names if f"one_minus_{n}" in params}
