@@ -239,3 +239,45 @@ def test_set_fixes_a_knob_and_enqueue_warm_starts_come_first(tmp_path, monkeypat
     first = frame.sort_values("number").head(3)
     assert list(first["enqueued"]) == ["defaults", "adamw-transfer", "--enqueue lr=0.02,beta2=0.95"]
     assert list(first["lr"]) == [1e-3, 0.003, 0.02]
+
+
+def _outcome(r):
+    f = r.frame
+    return sorted(zip(f["number"], f["state"], f["steps_run"], f["value"].fillna(-1.0), f["reason"]))
+
+
+def test_completed_snapshot_prunes_exactly_like_the_median_pruner(tiny_model, monkeypatch):
+    import precondtune.search as search
+
+    settings = SearchSettings(optimizer="adamw", trials=12, steps=40, batch_size=16, storage="memory",
+                              pruner="median", adamw=AdamWReference(lr=0.3))
+    mf = load_model_file(tiny_model)
+    snap = _outcome(run_search(mf, settings))
+    monkeypatch.setattr(search, "CompletedSnapshot", lambda pruner: pruner)
+    plain = _outcome(run_search(mf, settings))
+    assert any("median pruner" in reason for *_, reason in snap)  # the comparison exercises real pruning
+    assert snap == plain
+
+
+def test_completed_snapshot_reads_the_completed_trials_once_per_trial():
+    from precondtune.search import CompletedSnapshot
+
+    study = optuna.create_study()
+    for v in (1.0, 2.0, 3.0):
+        study.add_trial(optuna.trial.create_trial(value=v, intermediate_values={1: v, 2: v}))
+    reads = []
+    real = study.get_trials
+
+    def counting(deepcopy=True, states=None):
+        reads.append(states)
+        return real(deepcopy=deepcopy, states=states)
+
+    study.get_trials = counting
+    pruner = CompletedSnapshot(optuna.pruners.MedianPruner(n_startup_trials=1))
+    bad = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values={1: 9.0})
+    good = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values={1: 0.5})
+    bad.number, good.number = 3, 4
+    assert all(pruner.prune(study, bad) for _ in range(4))
+    assert len(reads) == 1
+    assert not pruner.prune(study, good)
+    assert len(reads) == 2  # a new trial takes a new snapshot
