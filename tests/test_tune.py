@@ -281,3 +281,15 @@ def test_completed_snapshot_reads_the_completed_trials_once_per_trial():
     assert len(reads) == 1
     assert not pruner.prune(study, good)
     assert len(reads) == 2  # a new trial takes a new snapshot
+
+
+def test_trials_written_by_0_1_0_with_one_attr_per_measurement_are_still_read():
+    from precondtune.search import trials_frame
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=1.5, user_attrs={"steps_run": 40, "train_seconds": 0.5,
+                                                                     "trial_seconds": 0.6}))
+    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"result": {"steps_run": 40, "train_seconds": 0.4,
+                                                                                "trial_seconds": 0.45}}))
+    f = trials_frame(study)
+    assert list(f["steps_run"]) == [40, 40] and list(f["train_seconds"]) == [0.4, 0.5]
