@@ -21,10 +21,23 @@ from pathlib import Path
 import optuna
 import torch
 
+import precondtune.search as search
 from precondtune.modelfile import load_model_file
-from precondtune.search import SearchSettings, open_storage, run_search
+from precondtune.search import SearchSettings, run_search
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+_OPENED: dict[str, search.StorageRef] = {}
+_open = search.open_storage
+
+
+def _storage(url: str | None, **kw: object) -> search.StorageRef:
+    """One storage object per URL for the whole run, so an in-memory study can be read back after the search."""
+    return _OPENED.setdefault(str(url), _open(url, **kw))  # type: ignore[arg-type]
+
+
+search.open_storage = _storage
 
 
 def measure(example: str, trials: int, steps: int, storage: str) -> str:
@@ -33,14 +46,15 @@ def measure(example: str, trials: int, steps: int, storage: str) -> str:
     settings = SearchSettings(optimizer="adamw", trials=trials, steps=steps, batch_size=8, storage=storage,
                               study_name=f"bench-{example}-{time.time_ns()}", pruner="median")
     started: dict[str, float] = {}
-    r = run_search(mf, settings, on_study=lambda name, url: started.setdefault("t", time.perf_counter()))
+    r = run_search(mf, settings, on_study=lambda name, url: started.setdefault("t", time.perf_counter()),
+                   progress=lambda *_: None)  # the CLI's progress callback reads the study after every trial
     wall = time.perf_counter() - started["t"]
-    study = optuna.load_study(study_name=r.study, storage=open_storage(storage).storage)
+    study = optuna.load_study(study_name=r.study, storage=_storage(storage).storage)
     windows, trains = [], []
     for t in study.get_trials(deepcopy=False):
         if t.state.is_finished() and t.datetime_start and t.datetime_complete:
             windows.append((t.datetime_complete - t.datetime_start).total_seconds())
-            trains.append(float((t.user_attrs.get("result") or {}).get("train_seconds") or 0.0))
+            trains.append(float((t.user_attrs.get("result") or t.user_attrs).get("train_seconds") or 0.0))
     overhead = [w - tr for w, tr in zip(windows, trains)]
     share = [o / w for o, w in zip(overhead, windows) if w > 0]
     done = len(windows)

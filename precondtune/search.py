@@ -817,6 +817,29 @@ def _rerun_seeds(obj: Objective, study: optuna.Study, settings: SearchSettings) 
     return runs
 
 
+class _Tally:
+    """This run's finished trials and the study's best value, for the progress callback. :meth:`sync` reads the
+    storage (≈ 2.5 ms on SQLite); :meth:`add` counts a trial this process just told, without a read."""
+
+    def __init__(self, before: dict[int, TrialState]) -> None:
+        self.before = before
+        self.states: dict[int, TrialState] = {}
+        self.best: float | None = None
+        self.synced = False
+
+    def sync(self, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        self.states = {t.number: t.state for t in trials if t.state.is_finished() and t.number not in self.before}
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        self.best = min(values) if values else None
+        self.synced = True
+
+    def add(self, trial: optuna.trial.FrozenTrial) -> None:
+        self.states[trial.number] = trial.state
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            self.best = trial.value if self.best is None else min(self.best, trial.value)
+
+
 ProgressFn = Callable[[int, int, float | None, int, int], None]
 """``progress(done, total, best value, pruned, failed)`` over this run's new trials."""
 
@@ -863,14 +886,18 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
                 p.start()
                 procs.append(p)
 
-    def tick(study: optuna.Study, _trial: Any) -> None:
+    tally = _Tally(before)
+
+    def tick(study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
         if progress is None:
             return
-        now = _finished(study)
-        new = {n: s for n, s in now.items() if n not in before}
-        values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        progress(len(new), settings.trials, min(values) if values else None,
-                 sum(s == TrialState.PRUNED for s in new.values()), sum(s == TrialState.FAIL for s in new.values()))
+        if trial is not None and not procs and tally.synced:
+            tally.add(trial)  # one process: its own trial is all that changed since the last call
+        else:
+            tally.sync(study)  # first call, or other workers' trials
+        progress(len(tally.states), settings.trials, tally.best,
+                 sum(st == TrialState.PRUNED for st in tally.states.values()),
+                 sum(st == TrialState.FAIL for st in tally.states.values()))
 
     tick(study, None)
     with warnings.catch_warnings():

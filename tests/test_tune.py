@@ -293,3 +293,15 @@ def test_trials_written_by_0_1_0_with_one_attr_per_measurement_are_still_read():
                                                                                 "trial_seconds": 0.45}}))
     f = trials_frame(study)
     assert list(f["steps_run"]) == [40, 40] and list(f["train_seconds"]) == [0.4, 0.5]
+
+
+def test_progress_counts_match_the_study(tiny_model):
+    calls = []
+    settings = SearchSettings(optimizer="adamw", trials=8, steps=20, batch_size=16, storage="memory",
+                              pruner="none", adamw=AdamWReference(lr=3.0))
+    r = run_search(load_model_file(tiny_model), settings, progress=lambda *a: calls.append(a))
+    done = [c[0] for c in calls]
+    assert done[0] == 0 and done == sorted(done) and done[-1] == 8
+    last = calls[-1]
+    assert last[1] == 8 and last[2] == r.best_value
+    assert (last[3], last[4]) == (r.new["pruned"], r.new["failed"]) and r.new["pruned"] > 0
