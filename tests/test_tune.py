@@ -305,3 +305,13 @@ def test_progress_counts_match_the_study(tiny_model):
     last = calls[-1]
     assert last[1] == 8 and last[2] == r.best_value
     assert (last[3], last[4]) == (r.new["pruned"], r.new["failed"]) and r.new["pruned"] > 0
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_the_table_has_a_column_per_searched_knob_and_seeds_only_when_run(tiny_model, seeds):
+    result = CliRunner().invoke(app, ["tune", str(tiny_model), "--steps", "6", "--trials", "4", "--storage", "memory",
+                                      "--pruner", "none", "--seeds", str(seeds)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "trial" in line and "state" in line)
+    assert {"lr", "weight_decay", "steps", "note"} <= set(header.replace("┃", " ").split())
+    assert ("seed median" in header) == (seeds > 1)

@@ -61,24 +61,36 @@ def _parse(v: object) -> object:
     return v
 
 
+def _short(v: object) -> str:
+    """A table cell: 3 significant digits (the best config below is printed in full)."""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_short(x) for x in v) + ")"
+    return str(v)
+
+
 def _render(r: SearchResult, top: int) -> None:
     frame = r.frame.head(top)
-    # show the knobs that differ between the listed trials; the best config is printed in full below
+    # one column per knob that differs between the listed trials; the best config is printed in full below
     hp_cols = [k for k in (r.best_hyperparameters or {}) if k in frame and frame[k].astype(str).nunique() > 1]
+    seeds = "seed_median" in frame and frame["seed_median"].notna().any()
     rows = []
     for _, t in frame.iterrows():
-        hp = ", ".join(f"{k}={_fmt(_parse(t[k]))}" for k in hp_cols)
-        seed = f"{t['seed_median']:.4g} [{t['seed_min']:.4g}, {t['seed_max']:.4g}]" \
-            if "seed_median" in t and t["seed_median"] == t["seed_median"] else "-"
         value = "-" if t["value"] is None or t["value"] != t["value"] or t["state"] != "COMPLETE" \
             else f"{t['value']:.4f}"
-        rows.append([t["number"], t["state"].lower(), value, seed, t.get("steps_run", "-"), hp,
-                     t["reason"] or t.get("enqueued", "") or ""])
+        row = [t["number"], t["state"].lower(), value]
+        if seeds:
+            row.append(f"{t['seed_median']:.4g} [{t['seed_min']:.4g}, {t['seed_max']:.4g}]"
+                       if t["seed_median"] == t["seed_median"] else "-")
+        row += [t.get("steps_run", "-"), *(_short(_parse(t[k])) for k in hp_cols),
+                t["reason"] or t.get("enqueued", "") or ""]
+        rows.append(row)
     c = r.counts
+    columns = ["trial", "state", "eval loss", *(["seed median [min, max]"] if seeds else []), "steps", *hp_cols,
+               "note"]
     stdout.print(table(f"study {r.study} ({r.optimizer} on {r.model}): {c['complete']} complete, "
-                       f"{c['pruned']} pruned, {c['failed']} failed",
-                       ["trial", "state", "eval loss", "seed median [min, max]", "steps", "hyperparameters",
-                        "note"], rows,
+                       f"{c['pruned']} pruned, {c['failed']} failed", columns, rows,
                        caption=f"storage {r.storage}; pruning saved {r.steps_saved_by_pruning} of "
                                f"{r.steps * (c['pruned'] + c['complete'])} steps"))
     if r.best_value is None:
