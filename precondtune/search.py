@@ -418,6 +418,11 @@ class Knobs:
                     out[name] = value
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[name] = _clip(dist, value)
+        if self.spec.trial_params is not None:
+            for name, value in self.spec.trial_params(config).items():
+                if name in self.params:
+                    out[name] = value if isinstance(self.params[name], CategoricalDistribution) \
+                        else _clip(self.params[name], value)
         return out
 
 

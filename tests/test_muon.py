@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -115,5 +116,61 @@ def test_search_space_with_fixed_trial():
     import optuna
 
     cfg = muon.search_space(optuna.trial.FixedTrial({"lr": 0.01, "one_minus_momentum": 0.05, "ns_steps": 5,
-                                                      "weight_decay": 0.0}))
+                                                      "weight_decay": 0.0, "ns_schedule": "public"}))
     assert cfg.lr == 0.01 and math.isclose(cfg.momentum, 0.95) and cfg.ns_coefficients == ns.PUBLIC_QUINTIC
+
+
+def _space(**params):
+    import optuna
+
+    base = {"lr": 0.02, "one_minus_momentum": 0.05, "weight_decay": 0.0, "ns_steps": 5, "ns_schedule": "public"}
+    return muon.search_space(optuna.trial.FixedTrial({**base, **params}))
+
+
+def test_the_public_quintic_is_the_shape_it_is_searched_by():
+    a, b, c = muon.quintic_from_shape(3.4445, 3.4445 - 4.7750 + 2.0315, 3.4445 - 3 * 4.7750 + 5 * 2.0315)
+    assert (a, b, c) == pytest.approx(ns.PUBLIC_QUINTIC, abs=1e-12)
+
+
+@pytest.mark.parametrize("steps", [4, 5, 6])
+def test_every_searched_newton_schulz_schedule_converges(steps):
+    rng = np.random.default_rng(steps)
+    shapes = [(2.5, 0.6, -2.5), (4.5, 1.0, 1.0), (2.5, 1.0, 1.0), (4.5, 0.6, -2.5)]
+    shapes += [tuple(rng.uniform([2.5, 0.6, -2.5], [4.5, 1.0, 1.0])) for _ in range(40)]
+    projected = 0
+    for a, p1, dp1 in shapes:
+        cfg = _space(ns_steps=steps, ns_schedule="custom", ns_a=a, ns_p1=p1, ns_dp1=dp1)
+        lo, hi = ns.singular_value_band(cfg.ns_coefficients, steps, muon.NS_LOWER)
+        assert muon.NS_BAND[0] <= lo and hi <= muon.NS_BAND[1], (a, p1, dp1, cfg.ns_coefficients)
+        target = muon.quintic_from_shape(a, p1, dp1)
+        if muon.converges(target, steps):
+            assert cfg.ns_coefficients == pytest.approx(target)  # a convergent quintic is used as sampled
+        else:
+            projected += 1
+    assert 0 < projected < len(shapes)  # the box holds both kinds, so the projection is exercised
+    for kind in ("public", "polar-express"):
+        cfg = _space(ns_steps=steps, ns_schedule=kind)
+        assert muon.converges(cfg.ns_coefficients, steps)
+        assert muon.trial_params(cfg) == {"ns_schedule": kind}
+    # a diverging quintic (the slides' misprint) is not what the search would run
+    assert not muon.converges((3.1415, 4.7750, 2.0315), steps)
+
+
+def test_polar_express_is_the_designed_per_step_schedule():
+    from precondtune.ns_coefficients import HEADROOM, design
+
+    cfg = _space(ns_schedule="polar-express")
+    assert cfg.ns_coefficients == design(5, 1e-3, headroom=HEADROOM["bf16"]).coefficients
+    assert len(cfg.ns_coefficients) == 5 and cfg.ns_coefficients[0] != cfg.ns_coefficients[-1]
+
+
+def test_warm_starts_record_the_schedule_params_of_their_config():
+    from precondtune.search import Knobs
+
+    knobs = Knobs.of(muon.SPEC)
+    assert {"ns_schedule", "ns_a", "ns_p1", "ns_dp1"} <= set(knobs.params)
+    assert knobs.params_of(muon.Config())["ns_schedule"] == "public"
+    custom = muon.Config(ns_coefficients=(3.5, -4.9, 2.1))
+    params = knobs.params_of(custom)
+    assert params["ns_schedule"] == "custom" and params["ns_a"] == 3.5
+    assert muon.quintic_from_shape(params["ns_a"], params["ns_p1"], params["ns_dp1"]) == pytest.approx((3.5, -4.9, 2.1))

@@ -16,6 +16,7 @@ vectors go to AdamW by the registry's default routing. State: one momentum buffe
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -141,16 +142,88 @@ def step_flops(shape: tuple[int, ...], config: Config, info: Any = None) -> Step
     return StepFlops(matmul=ns.flops(matrix_view(tuple(shape), role), config.ns_steps))
 
 
+NS_SCHEDULES = ("public", "polar-express", "custom")
+"""Newton–Schulz schedules the search chooses from: the public quintic every step; the per-step greedy minimax
+schedule (Polar Express, arXiv 2505.16932) that ``precondtune ns-coefficients`` designs for [NS_LOWER, 1] in
+the config's ns_dtype; or a custom quintic searched continuously (:func:`converging_quintic`)."""
+NS_LOWER = 1e-3
+"""Smallest singular value (relative to ‖G‖_F, i.e. after normalisation) a schedule is judged from; the default
+of ``precondtune ns-coefficients``."""
+NS_BAND = (0.1, 1.6)
+"""A schedule *converges* (precondtune's criterion) when its T steps map every singular value in [NS_LOWER, 1]
+into this band: bounded, and no direction left below a tenth of a full step. The public quintic passes at 4–6
+steps (bands [0.14, 1.20], [0.47, 1.20], [0.68, 1.20]); Keller Jordan reports that singular values spread over
+≈ (0.5, 1.5) do not hurt training."""
+
+
+def converges(coefficients: Any, steps: int) -> bool:
+    """Whether ``steps`` Newton–Schulz steps with ``coefficients`` keep [NS_LOWER, 1] inside :data:`NS_BAND`."""
+    lo, hi = ns.singular_value_band(coefficients, steps, NS_LOWER)
+    return NS_BAND[0] <= lo and hi <= NS_BAND[1]
+
+
+def quintic_from_shape(a: float, p1: float, dp1: float) -> tuple[float, float, float]:
+    """The odd quintic p(σ) = aσ + bσ³ + cσ⁵ with slope ``a`` at 0, value ``p1`` and slope ``dp1`` at σ = 1:
+    a + b + c = p1 and a + 3b + 5c = dp1 give c = a + (dp1 − 3·p1)/2, b = (dp1 − p1)/2 − 2c. The public quintic
+    is (3.4445, p1 = 0.701, dp1 = −0.723)."""
+    c = a + (dp1 - 3 * p1) / 2
+    return (a, (dp1 - p1) / 2 - 2 * c, c)
+
+
+def converging_quintic(a: float, p1: float, dp1: float, steps: int) -> tuple[float, float, float]:
+    """The quintic of shape (a, p1, dp1) if it :func:`converges` in ``steps`` steps; else the convergent point
+    closest to it on the straight line to the public quintic (which converges at 4–6 steps), searched in 1/20
+    steps of the segment. A continuous, deterministic map, so a sampler learns on (a, p1, dp1) as usual."""
+    target = quintic_from_shape(a, p1, dp1)
+    for k in range(20, -1, -1):
+        t = k / 20
+        q = tuple(p + t * (x - p) for p, x in zip(ns.PUBLIC_QUINTIC, target))
+        if converges(q, steps):
+            return q  # type: ignore[return-value]
+    raise ValueError(f"no Newton-Schulz quintic converges in {steps} steps on the way to {target}")
+
+
+@functools.lru_cache(maxsize=32)
+def polar_express(steps: int, ns_dtype: str) -> tuple[tuple[float, float, float], ...]:
+    """The per-step greedy minimax schedule for [NS_LOWER, 1] with ``ns_dtype``'s headroom
+    (:func:`precondtune.ns_coefficients.design`)."""
+    from .. import ns_coefficients  # imports this package; loaded on first use
+
+    return ns_coefficients.design(steps, NS_LOWER, headroom=ns_coefficients.HEADROOM[ns_dtype]).coefficients
+
+
 def search_space(trial: Any, base: Config | None = None) -> Config:
-    """lr (log, ×/÷10 around a base), momentum ∈ [0.85, 0.98], ns_steps ∈ {4, 5, 6}, wd ∈ [0, 0.2]."""
+    """lr (log, ×/÷10 around a base), momentum ∈ [0.85, 0.98], wd ∈ [0, 0.2], ns_steps ∈ {4, 5, 6} and the
+    Newton–Schulz schedule (:data:`NS_SCHEDULES`): a custom quintic is searched by its shape — slope ``ns_a`` ∈
+    [2.5, 4.5] at 0, value ``ns_p1`` ∈ [0.6, 1] and slope ``ns_dp1`` ∈ [−2.5, 1] at 1 — and kept convergent by
+    :func:`converging_quintic`. Every schedule the space yields :func:`converges`."""
     lr = _space.suggest_lr(trial, Config.lr, base, low=2e-3, high=0.1)
     momentum = _space.suggest_beta(trial, "momentum", 0.85, 0.98)
-    steps = trial.suggest_int("ns_steps", 4, 6)
     wd = trial.suggest_float("weight_decay", 0.0, 0.2)
+    steps = trial.suggest_int("ns_steps", 4, 6)
     keep = {} if base is None else {"scale": base.scale, "nesterov": base.nesterov, "ns_dtype": base.ns_dtype}
-    coeffs = base.ns_coefficients if base is not None and isinstance(base.ns_coefficients[0], float) \
-        else ns.PUBLIC_QUINTIC
+    kind = trial.suggest_categorical("ns_schedule", NS_SCHEDULES)
+    coeffs: Any = ns.PUBLIC_QUINTIC
+    if kind == "polar-express":
+        coeffs = polar_express(steps, keep.get("ns_dtype", Config.ns_dtype))
+    elif kind == "custom":
+        coeffs = converging_quintic(trial.suggest_float("ns_a", 2.5, 4.5), trial.suggest_float("ns_p1", 0.6, 1.0),
+                                    trial.suggest_float("ns_dp1", -2.5, 1.0), steps)
     return Config(lr=lr, momentum=momentum, ns_steps=steps, ns_coefficients=coeffs, weight_decay=wd, **keep)
+
+
+def trial_params(config: Config) -> dict[str, Any]:
+    """The schedule params of :func:`search_space` that reproduce ``config``'s Newton–Schulz coefficients (for
+    warm starts: the defaults and the AdamW transfer are the public quintic)."""
+    sched = ns.schedule(config.ns_coefficients, config.ns_steps)
+    if all(t == ns.PUBLIC_QUINTIC for t in sched):
+        return {"ns_schedule": "public"}
+    if sched == polar_express(config.ns_steps, config.ns_dtype):
+        return {"ns_schedule": "polar-express"}
+    if len(set(sched)) == 1:
+        a, b, c = sched[0]
+        return {"ns_schedule": "custom", "ns_a": a, "ns_p1": a + b + c, "ns_dp1": a + 3 * b + 5 * c}
+    return {}
 
 
 def from_adamw(*, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -165,6 +238,7 @@ SPEC = OptimizerSpec(
     name="muon", family="orthogonalized momentum", paper="Jordan 2024 (kellerjordan.github.io/posts/muon); "
     "Liu et al. 2025, arXiv 2502.16982", config_cls=Config, optimizer_cls=Muon, state_bytes=state_bytes,
     step_flops=step_flops, search_space=search_space, from_adamw=from_adamw, state_formula="n (momentum)",
+    trial_params=trial_params,
     refresh_knobs=("ns_steps", "ns_coefficients"), roles=MATRIX_ROLES | {"batched"},
     notes="matrix and conv (flattened) through Muon, batched as a batch of matrices; the rest through AdamW",
 )

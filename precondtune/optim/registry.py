@@ -102,6 +102,9 @@ class OptimizerSpec:
     make: Callable[..., torch.optim.Optimizer] | None = None
     """Optional ``make(groups, model, **hp) -> Optimizer`` for optimizers that need the model (hooks)."""
     notes: str = ""
+    trial_params: Callable[[Any], dict[str, Any]] | None = None
+    """Optional ``trial_params(config) -> {param: value}``: search-space params that do not share a Config field's
+    name (Muon's ``ns_schedule``), so a warm start records the params that reproduce its config."""
 
     def default_config(self) -> Any:
         return self.config_cls()

@@ -66,6 +66,8 @@ def _short(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     if isinstance(v, (list, tuple)):
+        if v and all(isinstance(x, (list, tuple)) for x in v):  # a per-step schedule: its length only
+            return f"{len(v)} per-step"
         return "(" + ", ".join(_short(x) for x in v) + ")"
     return str(v)
 
