@@ -25,9 +25,12 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import socket
 import statistics
+import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,6 +524,9 @@ class Objective:
                            report_every=self.settings.report_every, callback=report)
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the same command to resume")
+            raise
         except Exception as e:
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -663,49 +669,62 @@ def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSe
     if obj.base is not None:
         configs.append(("adamw-transfer", obj.base))
     for label, config in configs:
-        starts.append((label, knobs.params_of(config), _jsonable(config_dict(config)), {}))
+        implied = knobs.params_of(config)
+        # a --set knob that is only a trial param (e.g. Muon's ns_schedule) and disagrees with this config: run
+        # the config's params with the --set value instead of the exact config, so --set holds for every trial
+        clash = any(k not in knobs.fields and k in implied and implied[k] != v for k, v in obj.fixed_params.items())
+        starts.append((label, implied, None if clash else _jsonable(config_dict(config)), {}))
     for item in settings.enqueue:
         params, fields = knobs.resolve(parse_assignments(item, option="--enqueue"), option="--enqueue")
         clipped = {k: _clip(knobs.params[k], v) for k, v in params.items()}
         starts.append((f"--enqueue {item}", clipped, None, _jsonable(fields)))
-    seen = {json.dumps([t.user_attrs.get("enqueued_config"), t.user_attrs.get("overrides", {}), t.params],
-                       sort_keys=True, default=str)
+
+    def key(config: Any, overrides: Any, params: dict[str, Any]) -> str:
+        # an exact start is the same start whatever params it recorded (older studies lack newer knobs)
+        return json.dumps([config, overrides, params if config is None else None], sort_keys=True, default=str)
+
+    seen = {key(t.user_attrs.get("enqueued_config"), t.user_attrs.get("overrides", {}), t.params)
             for t in study.get_trials(deepcopy=False) if "enqueued" in t.user_attrs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for label, params, config, overrides in starts:
             params = {k: v for k, v in params.items() if k not in obj.fixed_params}
-            key = json.dumps([config, overrides, params], sort_keys=True, default=str)
-            if key in seen:
+            k = key(config, overrides, params)
+            if k in seen:
                 continue
-            seen.add(key)
+            seen.add(k)
             attrs: dict[str, Any] = {"enqueued": label, "overrides": overrides}
             if config is not None:
                 attrs["enqueued_config"] = config
             study.enqueue_trial(params, user_attrs=attrs)
 
 
-def _finished(study: optuna.Study) -> dict[int, TrialState]:
-    return {t.number: t.state for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-
-
-def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int, index: int, threads: int) -> None:
+def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int, index: int, threads: int,
+            existing: int) -> None:
     """One extra ``--workers`` process: its share of the new trials on the same study."""
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
-    mf = load_model_file(model)
-    obj = Objective(mf, settings)
-    ref = open_storage(settings.storage, workers=settings.workers)
-    sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, index, 0), settings.trials)
-    study = optuna.load_study(study_name=study_name, storage=ref.storage, sampler=sampler,
-                              pruner=make_pruner(settings.pruner, obj.schedule, settings.report_every))
-    study.optimize(obj, n_trials=n_trials, timeout=settings.timeout, catch=(Exception,))
+    try:
+        mf = load_model_file(model)
+        obj = Objective(mf, settings)
+        ref = open_storage(settings.storage, workers=settings.workers)
+        sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, index, existing, ref.url),
+                               settings.trials)
+        study = optuna.load_study(study_name=study_name, storage=ref.storage, sampler=sampler,
+                                  pruner=make_pruner(settings.pruner, obj.schedule, settings.report_every))
+        study.optimize(obj, n_trials=n_trials, timeout=settings.timeout, catch=(Exception,))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it in one line
+        sys.exit(130)
 
 
-def _sampler_seed(seed: int, worker: int, existing: int) -> int:
-    # distinct streams per worker and per resumption, so no two processes re-propose the same random points
-    return (seed * 1_000_003 + worker * 7_919 + existing * 31) % 2**31
+def _sampler_seed(seed: int, worker: int, existing: int, url: str = "") -> int:
+    """Distinct random streams per worker and per resumption (``existing`` trials), so no two processes
+    re-propose the same random points. On a server storage (PostgreSQL, MySQL) the same command may run on
+    several machines at once, so the host name is mixed in too."""
+    host = zlib.crc32(socket.gethostname().encode()) if url.split(":", 1)[0].startswith(("postgres", "mysql")) \
+        else 0
+    return (seed * 1_000_003 + worker * 7_919 + existing * 31 + host) % 2**31
 
 
 @dataclass
@@ -871,11 +890,15 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     name = settings.study_name or f"{mf.name}-{obj.spec.name}"
     attrs = _study_attrs(mf, settings, obj.spec, trainable)
     study = open_study(ref, name, attrs, None, pruner)
-    before = _finished(study)
-    study.sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, 0, len(before)), settings.trials)
+    # trials this run did not start: finished ones, and RUNNING ones (another worker's, or a killed run's that
+    # the heartbeat check will fail) — none of them counts as this run's new trials
+    before = {t.number: t.state for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING}
+    study.sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, 0, len(before), ref.url),
+                                 settings.trials)
     if on_study is not None:
         on_study(name, ref.url)
-    _enqueue_warm_starts(study, obj, settings)
+    if settings.trials > 0:  # --trials 0 shows the study as it is and adds nothing to it
+        _enqueue_warm_starts(study, obj, settings)
 
     shares = [settings.trials // settings.workers + (k < settings.trials % settings.workers)
               for k in range(settings.workers)]
@@ -887,7 +910,8 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
         spec_str = str(mf.path) + (f":{mf.factory_name}" if mf.factory_name else "")
         for k in range(1, settings.workers):
             if shares[k]:
-                p = ctx.Process(target=_worker, args=(spec_str, settings, name, shares[k], k, threads), daemon=False)
+                p = ctx.Process(target=_worker, args=(spec_str, settings, name, shares[k], k, threads, len(before)),
+                                daemon=False)
                 p.start()
                 procs.append(p)
 

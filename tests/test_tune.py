@@ -175,7 +175,7 @@ def test_ctrl_c_fails_only_the_running_trial_and_the_study_resumes(tiny_model, t
     assert all(after.get(n) == v for n, v in before.items()) and len(after) == 6
     assert r.counts == {"complete": 6, "pruned": 0, "failed": 1, "running": 0, "waiting": 0}
     failed = r.frame[r.frame["state"] == "FAIL"]
-    assert list(failed["number"]) == [3]
+    assert list(failed["number"]) == [3] and failed["reason"].iloc[0].startswith("interrupted")
 
 
 runner = CliRunner()
@@ -315,3 +315,97 @@ def test_the_table_has_a_column_per_searched_knob_and_seeds_only_when_run(tiny_m
     header = next(line for line in result.stdout.splitlines() if "trial" in line and "state" in line)
     assert {"lr", "weight_decay", "steps", "note"} <= set(header.replace("┃", " ").split())
     assert ("seed median" in header) == (seeds > 1)
+
+
+def _muon_settings(**kw):
+    return SearchSettings(optimizer="muon", trials=3, steps=6, batch_size=16, storage="memory", pruner="none", **kw)
+
+
+def test_set_ns_schedule_holds_for_the_warm_starts_too(tiny_model):
+    from precondtune.optim import muon
+
+    r = run_search(load_model_file(tiny_model), _muon_settings(fixed=("ns_schedule=polar-express",)))
+    assert len(r.frame) == 3 and (r.frame["enqueued"] == "defaults").sum() == 1
+    for coefficients, steps in zip(r.frame["ns_coefficients"], r.frame["ns_steps"]):
+        assert tuple(map(tuple, json.loads(coefficients))) == muon.polar_express(int(steps))
+
+
+def test_ns_steps_fixed_below_the_searched_range_runs_every_trial(tiny_model):
+    from precondtune.optim import muon
+    from precondtune.optim.kernels import newton_schulz as ns
+
+    assert muon.converging_quintic(4.5, 1.0, 1.0, 3) == ns.PUBLIC_QUINTIC  # nothing converges in 3 steps
+    r = run_search(load_model_file(tiny_model), _muon_settings(fixed=("ns_steps=3", "ns_schedule=custom")))
+    assert r.counts["failed"] == 0 and r.counts["complete"] == 3
+
+
+def test_a_study_from_0_1_0_does_not_rerun_its_exact_warm_starts(tiny_model):
+    from precondtune.search import Objective, _enqueue_warm_starts
+
+    settings = _muon_settings()
+    obj = Objective(load_model_file(tiny_model), settings)
+    study = optuna.create_study()
+    config = _jsonable(po.config_dict(obj.spec.default_config()))
+    # 0.1.0 recorded the defaults without the ns_schedule param, which did not exist yet
+    study.add_trial(optuna.trial.create_trial(
+        value=1.0, params={"ns_steps": 5}, distributions={"ns_steps": optuna.distributions.IntDistribution(4, 6)},
+        user_attrs={"enqueued": "defaults", "overrides": {}, "enqueued_config": config}))
+    _enqueue_warm_starts(study, obj, settings)
+    assert study.get_trials(states=(TrialState.WAITING,)) == []
+
+
+def test_a_running_trial_left_by_a_killed_run_is_not_counted_as_new(tiny_model, tmp_path, monkeypatch):
+    from precondtune import search
+
+    monkeypatch.setattr(search, "GRACE_SECONDS", 1)  # the killed trial's heartbeat goes stale within the run
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    settings = SearchSettings(optimizer="adamw", trials=2, steps=6, batch_size=16, storage=url, study_name="k",
+                              pruner="none")
+    mf = load_model_file(tiny_model)
+    run_search(mf, settings)
+    ref = search.open_storage(url)
+    zombie = optuna.load_study(study_name="k", storage=ref.storage).ask()  # what a SIGKILL mid-trial leaves
+    ref.storage.record_heartbeat(zombie._trial_id)
+    time.sleep(2.2)  # SQLite timestamps have 1 s resolution: 2 s old is surely past a 1 s grace
+    calls = []
+    r = run_search(mf, settings, progress=lambda *a: calls.append(a))
+    states = dict(zip(r.frame["number"], r.frame["state"]))
+    assert states[zombie.number] == "FAIL"  # failed by the heartbeat check, then retried once
+    assert sum(r.new.values()) == 2 and calls[-1][0] == 2
+
+
+def test_trials_0_shows_the_study_and_adds_nothing(tiny_model, tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    r = run_search(load_model_file(tiny_model), SearchSettings(optimizer="adamw", trials=0, storage=url,
+                                                                study_name="z"))
+    assert r.counts == {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+
+
+def test_a_failed_trial_shows_dashes_not_nan_in_the_table(tiny_model, monkeypatch):
+    from precondtune import search
+
+    real, calls = search.train, []
+
+    def fails_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(search, "train", fails_second)
+    result = CliRunner().invoke(app, ["tune", str(tiny_model), "--steps", "6", "--trials", "3", "--storage", "memory",
+                                      "--pruner", "none"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "boom" in result.stdout and "nan" not in result.stdout.lower()
+
+
+def test_a_worker_process_exits_130_on_ctrl_c_without_a_traceback(monkeypatch, capsys):
+    from precondtune import search
+
+    def interrupted(_model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "load_model_file", interrupted)
+    with pytest.raises(SystemExit) as e:
+        search._worker("m.py", SearchSettings(optimizer="adamw"), "s", 1, 1, 1, 0)
+    assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err

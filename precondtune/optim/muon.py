@@ -144,8 +144,8 @@ def step_flops(shape: tuple[int, ...], config: Config, info: Any = None) -> Step
 
 NS_SCHEDULES = ("public", "polar-express", "custom")
 """Newton–Schulz schedules the search chooses from: the public quintic every step; the per-step greedy minimax
-schedule (Polar Express, arXiv 2505.16932) that ``precondtune ns-coefficients`` designs for [NS_LOWER, 1] in
-the config's ns_dtype; or a custom quintic searched continuously (:func:`converging_quintic`)."""
+schedule (Polar Express, arXiv 2505.16932) that ``precondtune ns-coefficients`` designs for [NS_LOWER, 1]
+(:func:`polar_express`); or a custom quintic searched continuously (:func:`converging_quintic`)."""
 NS_LOWER = 1e-3
 """Smallest singular value (relative to ‖G‖_F, i.e. after normalisation) a schedule is judged from; the default
 of ``precondtune ns-coefficients``."""
@@ -172,31 +172,33 @@ def quintic_from_shape(a: float, p1: float, dp1: float) -> tuple[float, float, f
 
 def converging_quintic(a: float, p1: float, dp1: float, steps: int) -> tuple[float, float, float]:
     """The quintic of shape (a, p1, dp1) if it :func:`converges` in ``steps`` steps; else the convergent point
-    closest to it on the straight line to the public quintic (which converges at 4–6 steps), searched in 1/20
-    steps of the segment. A continuous, deterministic map, so a sampler learns on (a, p1, dp1) as usual."""
+    nearest to it among 20 evenly spaced points of the straight line to the public quintic, which converges at
+    the searched 4–6 steps. A deterministic map (piecewise constant where it pulls a quintic in), so the sampler
+    learns on (a, p1, dp1) as usual; the trial's ``hyperparameters`` attr holds the quintic actually used. With
+    ``ns_steps`` fixed below 4 no quintic converges and the public one is used."""
     target = quintic_from_shape(a, p1, dp1)
-    for k in range(20, -1, -1):
+    for k in range(20, 0, -1):
         t = k / 20
         q = tuple(p + t * (x - p) for p, x in zip(ns.PUBLIC_QUINTIC, target))
         if converges(q, steps):
             return q  # type: ignore[return-value]
-    raise ValueError(f"no Newton-Schulz quintic converges in {steps} steps on the way to {target}")
+    return ns.PUBLIC_QUINTIC
 
 
 @functools.lru_cache(maxsize=32)
-def polar_express(steps: int, ns_dtype: str) -> tuple[tuple[float, float, float], ...]:
-    """The per-step greedy minimax schedule for [NS_LOWER, 1] with ``ns_dtype``'s headroom
-    (:func:`precondtune.ns_coefficients.design`)."""
+def polar_express(steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The per-step greedy minimax schedule for [NS_LOWER, 1] (:func:`precondtune.ns_coefficients.design`) with
+    bf16's headroom, which also serves fp32 (the headroom only widens each step's design interval)."""
     from .. import ns_coefficients  # imports this package; loaded on first use
 
-    return ns_coefficients.design(steps, NS_LOWER, headroom=ns_coefficients.HEADROOM[ns_dtype]).coefficients
+    return ns_coefficients.design(steps, NS_LOWER, headroom=ns_coefficients.HEADROOM["bf16"]).coefficients
 
 
 def search_space(trial: Any, base: Config | None = None) -> Config:
     """lr (log, ×/÷10 around a base), momentum ∈ [0.85, 0.98], wd ∈ [0, 0.2], ns_steps ∈ {4, 5, 6} and the
     Newton–Schulz schedule (:data:`NS_SCHEDULES`): a custom quintic is searched by its shape — slope ``ns_a`` ∈
     [2.5, 4.5] at 0, value ``ns_p1`` ∈ [0.6, 1] and slope ``ns_dp1`` ∈ [−2.5, 1] at 1 — and kept convergent by
-    :func:`converging_quintic`. Every schedule the space yields :func:`converges`."""
+    :func:`converging_quintic`. Every schedule the space yields at 4–6 steps :func:`converges`."""
     lr = _space.suggest_lr(trial, Config.lr, base, low=2e-3, high=0.1)
     momentum = _space.suggest_beta(trial, "momentum", 0.85, 0.98)
     wd = trial.suggest_float("weight_decay", 0.0, 0.2)
@@ -205,7 +207,7 @@ def search_space(trial: Any, base: Config | None = None) -> Config:
     kind = trial.suggest_categorical("ns_schedule", NS_SCHEDULES)
     coeffs: Any = ns.PUBLIC_QUINTIC
     if kind == "polar-express":
-        coeffs = polar_express(steps, keep.get("ns_dtype", Config.ns_dtype))
+        coeffs = polar_express(steps)
     elif kind == "custom":
         coeffs = converging_quintic(trial.suggest_float("ns_a", 2.5, 4.5), trial.suggest_float("ns_p1", 0.6, 1.0),
                                     trial.suggest_float("ns_dp1", -2.5, 1.0), steps)
@@ -218,7 +220,7 @@ def trial_params(config: Config) -> dict[str, Any]:
     sched = ns.schedule(config.ns_coefficients, config.ns_steps)
     if all(t == ns.PUBLIC_QUINTIC for t in sched):
         return {"ns_schedule": "public"}
-    if sched == polar_express(config.ns_steps, config.ns_dtype):
+    if sched == polar_express(config.ns_steps):
         return {"ns_schedule": "polar-express"}
     if len(set(sched)) == 1:
         a, b, c = sched[0]

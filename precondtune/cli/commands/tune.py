@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ...modelfile import load_model_file
-from ...search import SearchResult, SearchSettings, adamw_reference, run_search
+from ...search import TOP_FOR_SEEDS, SearchResult, SearchSettings, adamw_reference, run_search
 from ..common import (
     AdamBetasOpt,
     AdamLrOpt,
@@ -62,7 +62,9 @@ def _parse(v: object) -> object:
 
 
 def _short(v: object) -> str:
-    """A table cell: 3 significant digits (the best config below is printed in full)."""
+    """A table cell: 3 significant digits (the best config below is printed in full); "-" for a missing value."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
     if isinstance(v, float):
         return f"{v:.3g}"
     if isinstance(v, (list, tuple)):
@@ -75,7 +77,8 @@ def _short(v: object) -> str:
 def _render(r: SearchResult, top: int) -> None:
     frame = r.frame.head(top)
     # one column per knob that differs between the listed trials; the best config is printed in full below
-    hp_cols = [k for k in (r.best_hyperparameters or {}) if k in frame and frame[k].astype(str).nunique() > 1]
+    hp_cols = [k for k in (r.best_hyperparameters or {})
+               if k in frame and frame[k].dropna().astype(str).nunique() > 1]  # failed trials have no values
     seeds = "seed_median" in frame and frame["seed_median"].notna().any()
     rows = []
     for _, t in frame.iterrows():
@@ -85,7 +88,8 @@ def _render(r: SearchResult, top: int) -> None:
         if seeds:
             row.append(f"{t['seed_median']:.4g} [{t['seed_min']:.4g}, {t['seed_max']:.4g}]"
                        if t["seed_median"] == t["seed_median"] else "-")
-        row += [t.get("steps_run", "-"), *(_short(_parse(t[k])) for k in hp_cols),
+        steps = t.get("steps_run")
+        row += ["-" if steps is None or steps != steps else int(steps), *(_short(_parse(t[k])) for k in hp_cols),
                 t["reason"] or t.get("enqueued", "") or ""]
         rows.append(row)
     c = r.counts
@@ -99,7 +103,8 @@ def _render(r: SearchResult, top: int) -> None:
         stderr.print(f"no trial completed{'; first failure: ' + r.first_failure if r.first_failure else ''}",
                      highlight=False)
     else:
-        stdout.print(f"best: trial {r.best_trial}, eval loss {r.best_value:.4f}: "
+        what = f"seed median eval loss {r.best_value:.4f}" if r.seed_runs else f"eval loss {r.best_value:.4f}"
+        stdout.print(f"best: trial {r.best_trial}, {what}: "
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in (r.best_hyperparameters or {}).items()),
                      highlight=False, soft_wrap=True)
 
@@ -151,8 +156,10 @@ def command(
 
         def progress(done: int, total: int, best: float | None, pruned: int, failed: int) -> None:
             best_s = "-" if best is None else f"{best:.4f}"
+            then = f"; re-running the best {TOP_FOR_SEEDS} on {seeds - 1} more seed(s)" \
+                if seeds > 1 and done >= total else ""
             bar.update(task, completed=done, total=total,
-                       description=f"tune {optimizer}: best {best_s}, pruned {pruned}, failed {failed}")
+                       description=f"tune {optimizer}: best {best_s}, pruned {pruned}, failed {failed}{then}")
 
         with bar:
             result = run_search(mf, settings, progress=progress, on_study=on_study)
