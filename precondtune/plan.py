@@ -16,6 +16,9 @@ topped up to ``--trials``, never re-run).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import statistics
 import time
@@ -46,6 +49,7 @@ from .search import (
     storage_url,
 )
 from .training import Schedule, TrainResult, prepare, train
+from .units import human_bytes
 
 RANK_BY = ("time", "steps")
 DEFAULT_TRIALS = 4
@@ -191,19 +195,36 @@ def _noop_log(msg: str) -> None:
     return None
 
 
-def _study_name(settings: PlanSettings, mf: ModelFile, name: str) -> str:
+def _study_name(settings: PlanSettings, mf: ModelFile, name: str, fixed: tuple[str, ...] = (),
+                enqueue: tuple[str, ...] = ()) -> str:
+    """``PREFIX-OPTIMIZER-sSTEPS-bBATCH-seedSEED-FINGERPRINT``. The fingerprint hashes what else makes two runs'
+    trials comparable — the model file's resolved path and factory, the tuned AdamW given, and this optimizer's
+    ``--set``/``--enqueue`` items — so a rerun reuses a study only when they all match (a different model file
+    called model.py, or a changed ``--set``, starts its own study)."""
     prefix = settings.study_prefix or f"plan-{mf.name}"
-    return f"{prefix}-{name}-s{settings.steps}-b{settings.batch_size}-seed{settings.seed}"
+    key = json.dumps([str(Path(mf.path).resolve()), mf.factory_name, settings.adamw and dataclasses.asdict(
+        settings.adamw), sorted(fixed), sorted(enqueue)], default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{prefix}-{name}-s{settings.steps}-b{settings.batch_size}-seed{settings.seed}-{digest}"
+
+
+def _counts_toward_trials(t: optuna.trial.FrozenTrial) -> bool:
+    """A finished trial, except one failed by a Ctrl-C: an interrupted trial is re-run on resume."""
+    if not t.state.is_finished():
+        return False
+    return not (t.state == optuna.trial.TrialState.FAIL
+                and str(t.user_attrs.get("fail_reason", "")).startswith("interrupted"))
 
 
 def _finished_trials(url: str | None, study: str) -> int:
-    """Finished (complete, pruned or failed) trials already in ``study``; 0 when it does not exist yet."""
+    """Trials already in ``study`` that count toward ``--trials`` (complete, pruned, or failed other than by an
+    interrupt); 0 when the study does not exist yet."""
     ref = open_storage(url)
     try:
         s = optuna.load_study(study_name=study, storage=ref.storage)
     except KeyError:
         return 0
-    return sum(t.state.is_finished() for t in s.get_trials(deepcopy=False))
+    return sum(_counts_toward_trials(t) for t in s.get_trials(deepcopy=False))
 
 
 TIMED_STEPS = 10
@@ -249,8 +270,9 @@ def po_config(cand: Candidate) -> dict[str, Any]:
 
 
 def decide(candidates: list[Candidate]) -> tuple[str | None, str]:
-    """The recommendation and why: the lowest median loss, unless it does not beat AdamW beyond the seed noise
-    (which needs at least two seeds to be measured at all), or AdamW itself did not finish its ranking run."""
+    """The recommendation and why: the lowest-median optimizer that beats AdamW beyond the seed noise of both
+    (which needs at least two seeds to be measured at all), walking the ranking from the top; AdamW when none
+    does, or when AdamW itself did not finish its ranking run."""
     ranked = sorted((c for c in candidates if c.median is not None), key=lambda c: c.median)
     if not ranked:
         return None, "no optimizer completed a ranking run"
@@ -263,14 +285,19 @@ def decide(candidates: list[Candidate]) -> tuple[str | None, str]:
                            f"its ranking run ({adamw.status}{': ' + adamw.note if adamw.note else ''})")
     if best.name == "adamw":
         return "adamw", f"no optimizer beat the tuned AdamW baseline ({adamw.median:.4f})"
-    gain = adamw.median - best.median
     if min(len(adamw.rank_losses), len(best.rank_losses)) < 2:
         return "adamw", (f"{best.name} reached {best.median:.4f} vs AdamW {adamw.median:.4f}, but with one seed the "
                          "noise is unmeasured; rerun with --seeds 2 or more before switching")
-    noise = max(adamw.spread, best.spread)
-    if gain > noise:
-        return best.name, (f"median eval loss {best.median:.4f} vs AdamW {adamw.median:.4f} (−{gain:.4f}), more "
-                           f"than the seed spread ({noise:.4f})")
+    for c in ranked:
+        if c.name == "adamw":
+            break
+        gain, noise = adamw.median - c.median, max(adamw.spread, c.spread)
+        if gain > noise:
+            above = "" if c is best else (f"; {best.name} ranked higher ({best.median:.4f}) but its gap was within "
+                                          f"the seed spread ({max(adamw.spread, best.spread):.4f})")
+            return c.name, (f"median eval loss {c.median:.4f} vs AdamW {adamw.median:.4f} (−{gain:.4f}), more "
+                            f"than the seed spread ({noise:.4f}){above}")
+    gain, noise = adamw.median - best.median, max(adamw.spread, best.spread)
     return "adamw", (f"{best.name} reached {best.median:.4f} vs AdamW {adamw.median:.4f}, a gap of {gain:.4f} "
                      f"within the seed spread ({noise:.4f}): not a real difference, so AdamW stays")
 
@@ -317,7 +344,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     for c in candidates:
         if not c.fits and c.status != "not applicable":
             c.status = "does not fit"
-            c.note = f"over the budget by {-int(c.memory.get('headroom_bytes', 0)) / 2**30:.2f} GiB"
+            c.note = f"over the budget by {human_bytes(-int(c.memory.get('headroom_bytes', 0)))}"
     meta = prof.meta
     storage = None
     nothing = "nothing fits in the memory budget: lower --batch-size, use --param-dtype bf16, shard with " \
@@ -338,7 +365,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     storage = storage_url(settings.storage)
     ordered = sorted(fitting, key=lambda c: c.name != "adamw")  # AdamW first: its time is the budget
     for k, c in enumerate(ordered):
-        study = _study_name(settings, mf, c.name)
+        study = _study_name(settings, mf, c.name, fixed[c.name], enqueue[c.name])
         missing = max(0, settings.trials - _finished_trials(storage, study))
         desc = f"search {k + 1}/{len(ordered)}: {c.name}"
         log(f"{desc} — {missing} new trial(s)" + (" (resuming)" if missing < settings.trials else ""))
@@ -358,6 +385,26 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
 
     device = str(resolve_device(settings.device))
     searched = [c for c in ordered if c.hyperparameters is not None]
+    if searched:
+        # the memory and overhead stages used each optimizer's defaults; the searches may have picked knobs that
+        # change both (Adafactor's momentum, GaLore's rank, refresh periods): estimate the tuned configs again,
+        # so the fit check, the timing's refresh period and the recommended config's estimates describe them
+        log("re-estimating memory and overhead for the tuned configs")
+        tuned = {c.name: po_config(c) for c in searched}
+        again = plan_memory(mf, list(tuned), MemorySettings(**mem_kwargs), hyperparameters=tuned, progress=progress)
+        new_mem = {e["name"]: e for e in again["optimizers"]}
+        new_cost = {o["name"]: o for o in flops_report(
+            mf, list(tuned), batch_size=settings.batch_size, device=settings.device, gpu=settings.gpu,
+            seed=settings.seed, hyperparameters=tuned, progress=progress).as_json()["optimizers"]}
+        memory["optimizers"] = [new_mem.get(e["name"], e) for e in memory["optimizers"]]
+        flops["optimizers"] = [new_cost.get(o["name"], o) for o in flops["optimizers"]]
+        for c in searched:
+            c.memory, c.cost = new_mem[c.name], new_cost.get(c.name, c.cost)
+            if not c.fits:
+                c.status = "does not fit"
+                c.note = (f"its tuned config is over the budget by "
+                          f"{human_bytes(-int(c.memory.get('headroom_bytes', 0)))}")
+        searched = [c for c in searched if c.fits]
     log("5/5 timing the best configs side by side, then ranking them"
         + (" at equal wall-clock" if settings.rank_by == "time" else " at equal steps"))
     measure_side_by_side(mf, settings, searched, device, progress)
@@ -366,7 +413,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     for k, c in enumerate(searched):
         progress("ranking runs", k, len(searched))
         steps = settings.steps
-        if settings.rank_by == "time" and budget and c.step_seconds:
+        if settings.rank_by == "time" and budget and c.step_seconds and c is not adamw:
             steps = int(budget / c.step_seconds)
             if steps < MIN_RANK_STEPS:
                 c.note = f"fits only {steps} steps into AdamW's time; ranked on {MIN_RANK_STEPS}"

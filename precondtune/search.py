@@ -661,6 +661,13 @@ def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, 
     return study
 
 
+def _field_backed(param: str, knobs: Knobs) -> bool:
+    """Whether ``--set param=…`` also overrides a Config field, so it holds for exact warm starts anyway
+    (``one_minus_beta1/2`` through ``betas``, see :meth:`Objective.config`)."""
+    inner = param.removeprefix("one_minus_")
+    return param in knobs.fields or inner in knobs.fields or param in ("one_minus_beta1", "one_minus_beta2")
+
+
 def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSettings) -> None:
     """Defaults and the AdamW transfer first, then each ``--enqueue``; a start already in the study is skipped."""
     spec, knobs = obj.spec, obj.knobs
@@ -670,9 +677,10 @@ def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSe
         configs.append(("adamw-transfer", obj.base))
     for label, config in configs:
         implied = knobs.params_of(config)
-        # a --set knob that is only a trial param (e.g. Muon's ns_schedule) and disagrees with this config: run
-        # the config's params with the --set value instead of the exact config, so --set holds for every trial
-        clash = any(k not in knobs.fields and k in implied and implied[k] != v for k, v in obj.fixed_params.items())
+        # a --set knob that is only a trial param (Muon's ns_schedule, Adafactor's momentum) and that this config
+        # does not provably match: run the config's params with the --set value instead of the exact config, so
+        # --set holds for every trial
+        clash = any(not _field_backed(k, knobs) and implied.get(k, object()) != v for k, v in obj.fixed_params.items())
         starts.append((label, implied, None if clash else _jsonable(config_dict(config)), {}))
     for item in settings.enqueue:
         params, fields = knobs.resolve(parse_assignments(item, option="--enqueue"), option="--enqueue")

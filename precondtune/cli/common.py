@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import PrecondtuneError
+from ..units import human_bytes, human_count  # noqa: F401 - re-exported for the commands
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -101,25 +102,6 @@ def table(title: str, columns: list[str], rows: list[list[Any]], *, caption: str
     for r in rows:
         t.add_row(*(str(x) for x in r))
     return t
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def human_count(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "-"
-    for suffix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".strip()
 
 
 @contextmanager
