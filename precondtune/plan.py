@@ -40,6 +40,7 @@ from .profiling import Profile, profile_model, resolve_device
 from .search import (
     AdamWReference,
     Knobs,
+    Objective,
     SearchResult,
     SearchSettings,
     fallback_routing,
@@ -56,6 +57,9 @@ DEFAULT_TRIALS = 4
 DEFAULT_STEPS = 100
 DEFAULT_SEEDS = 2
 DEFAULT_BATCH_SIZE = 16
+OUTPUT_NAMES = ("recommended.yaml", "recommended.json", "report.md", "results.csv", "memory.png", "overhead.png",
+                "loss_curves.png", "search_history.png")
+"""Every file ``write_outputs`` may write into the output directory."""
 MIN_RANK_STEPS = 5
 """An optimizer whose equal-time budget is below this many steps is ranked on this many (and says so)."""
 
@@ -313,6 +317,13 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         names = ["adamw", *names]  # the honest baseline is always searched
     fixed = per_optimizer(settings.fixed, names, "--set")
     enqueue = per_optimizer(settings.enqueue, names, "--enqueue")
+    # values and the storage are checked before any stage runs (an Objective prepares its data lazily: none here)
+    for name in names:
+        check = Objective(mf, SearchSettings(optimizer=name, steps=settings.steps, adamw=settings.adamw,
+                                             fixed=fixed[name], enqueue=enqueue[name]))
+        for item in enqueue[name]:
+            check.knobs.resolve(parse_assignments(item, option="--enqueue"), option="--enqueue")
+    open_storage(settings.storage, workers=settings.workers)
 
     log("1/5 profiling the model")
     prof = profile_model(mf, batch_size=settings.batch_size, device=settings.device, measure_steps=3,
@@ -486,4 +497,10 @@ def write_outputs(result: PlanResult, out: Path, fmt: str = "yaml") -> dict[str,
     files["csv"] = out / "results.csv"
     files.update(report.plots(result, out))
     files["report"] = write_text_atomic(out / "report.md", report.markdown(result, files))
+    # a reused --out directory keeps nothing from an earlier run that this one did not write (a stale
+    # recommended.yaml next to a "nothing fits" report would be loaded by scripts)
+    for name in OUTPUT_NAMES:
+        stale = out / name
+        if stale.exists() and stale not in files.values():
+            stale.unlink()
     return files

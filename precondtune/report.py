@@ -199,7 +199,8 @@ def markdown(result: PlanResult, files: dict[str, Path]) -> str:
           if c.step_seconds and result.by_name.get("adamw") and result.by_name["adamw"].step_seconds else "-"]
          for c in result.candidates if c.cost]), "",
         ("FLOP overhead = amortized optimizer FLOPs / forward+backward FLOPs (refreshes spread over their period). "
-        "Measured step times come from the searches' best trials (whole training steps on this device)."), ""]
+        "Measured step times: each tuned config's whole training step, timed side by side on this device with its "
+        "refreshes amortized over the tuned period."), ""]
     if "overhead_plot" in files:
         lines += ["![overhead](overhead.png)", ""]
 

@@ -140,7 +140,8 @@ def convert_muon(infos: Sequence[ParamInfo], hyperparameters: dict[str, Any], to
         if (s.lr, s.weight_decay) == (main_lr, main_wd):
             continue
         rules.append({"match": "|".join(s.roles), "optimizer": "muon",
-                      "name": "^(?:" + "|".join(re.escape(n) for n in s.names) + ")$",
+                      # also under DDP/FSDP (module.) and torch.compile (_orig_mod.) wrappers
+                      "name": r"^(?:module\.|_orig_mod\.)*(?:" + "|".join(re.escape(n) for n in s.names) + ")$",
                       "hyperparameters": {"lr": s.lr, "weight_decay": s.weight_decay}})
     return main_hp, rules, tuple(shapes)
 

@@ -214,3 +214,40 @@ def test_the_tuned_config_is_what_memory_and_estimates_describe():
     assert c.memory["bytes"]["optimizer_state"] == exact
     assert exact > po.state_bytes("adafactor", mf.build())  # the defaults (no momentum) would have said less
     assert next(e for e in r.memory["optimizers"] if e["name"] == "adafactor") is c.memory
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--format", "toml"], "--format"),
+    (["--set", "muon:ns_steps=99"], "ns_steps"),
+    (["--enqueue", "adamw:lr=0.01,bogus=1"], "valid:"),
+    (["--storage", "ftp://nowhere"], "not a storage URL"),
+])
+def test_bad_options_fail_before_any_stage_runs(tmp_path, monkeypatch, args, needle):
+    import precondtune.plan as plan_module
+
+    def must_not_run(*_a, **_k):
+        raise AssertionError("a stage ran before the options were checked")
+
+    monkeypatch.setattr(plan_module, "profile_model", must_not_run)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw,muon", *TINY, *args])
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_out_that_is_a_file_is_rejected_first(tmp_path):
+    f = tmp_path / "report"
+    f.write_text("x")
+    r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw", *TINY, "--out", str(f)])
+    assert r.exit_code == 2 and "is a file" in r.output
+
+
+def test_a_reused_out_directory_keeps_no_stale_config(tmp_path):
+    out = tmp_path / "r"
+    ok = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw", *TINY, "--out", str(out),
+                             "--storage", "memory"])
+    assert ok.exit_code == 0 and (out / "recommended.yaml").exists()
+    r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw", *TINY, "--gpu", "l4",
+                            "--reserve-gb", "23.99999", "--out", str(out), "--storage", "memory"])
+    assert r.exit_code == 1 and "nothing fits" in (out / "report.md").read_text()
+    assert not (out / "recommended.yaml").exists() and not (out / "loss_curves.png").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -256,3 +257,14 @@ def test_cli_writes_recommended_yaml_by_default(tmp_path, monkeypatch):
     r = runner.invoke(app, ["transfer", MLP, "--lr", "3e-3", "--to", "muon,adam-mini"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "recommended").iterdir()) == ["adam-mini.yaml", "muon.yaml"]
+
+
+def test_per_shape_rules_also_match_under_ddp_and_compile_wrappers():
+    model = _shapes_model()
+    (t,) = transfer(inventory(model), "muon", lr=0.02, source="muon", convention="keller",
+                    target_convention="moonlight")
+    rule = t.config.param_groups[0]
+    name = t.shapes[[s.lr for s in t.shapes].index(rule["hyperparameters"]["lr"])].names[0]
+    for wrapped in (name, f"module.{name}", f"_orig_mod.{name}", f"module._orig_mod.{name}"):
+        assert re.search(rule["name"], wrapped), wrapped
+    assert not re.search(rule["name"], f"other.{name}")  # not any parameter whose path merely ends alike

@@ -9,6 +9,7 @@ from typing import Annotated
 import optuna
 import typer
 
+from ...errors import ConfigError
 from ...modelfile import load_model_file
 from ...plan import (
     DEFAULT_BATCH_SIZE,
@@ -89,6 +90,10 @@ def command(
     debug: DebugOpt = False,
 ) -> None:
     with handle_errors(debug):
+        if fmt.lower() not in ("yaml", "json"):
+            raise ConfigError(f"--format {fmt!r}; valid: yaml, json")
+        if out is not None and out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a directory (it is created if missing)")
         adamw = adamw_reference(adam_lr, adam_betas, adam_weight_decay)
         settings = PlanSettings(optimizers=optimizer, batch_size=batch_size, trials=trials, steps=steps, seeds=seeds,
                                 rank_by=rank_by, storage=storage, study_prefix=study_name, workers=workers,
@@ -102,7 +107,7 @@ def command(
             result = plan(mf, settings, progress=update, log=lambda m: stderr.print(m, highlight=False))
         result.command = "precondtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
         target = out or Path("reports") / f"{mf.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        files = write_outputs(result, target, fmt)
+        files = write_outputs(result, target, fmt.lower())
         doc = {
             "model": result.memory["model"], "winner": result.winner, "reason": result.reason,
             "out": str(target), "files": {k: str(v) for k, v in files.items()}, "storage": result.storage,
