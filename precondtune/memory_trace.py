@@ -47,6 +47,16 @@ MIN_BLOCKS_TO_EXTRAPOLATE = 8
 PHASES = ("forward", "backward", "step")
 
 
+class _NoHook:
+    """A stand-in hook handle for a parameter that gets no hook."""
+
+    def remove(self) -> None:
+        return None
+
+
+_NO_HOOK = _NoHook()
+
+
 class PhaseMemTracker(MemTracker):
     """``MemTracker`` that also keeps the peak (and its per-category breakdown) of each named phase.
 
@@ -69,6 +79,15 @@ class PhaseMemTracker(MemTracker):
         if self.phase is not None and total > self.peaks.get(self.phase, -1):
             self.peaks[self.phase] = total
             self.peak_snaps[self.phase] = self.categories()
+
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
+        # MemTracker hooks every parameter for its gradient, and register_hook refuses a frozen one (LoRA, a frozen
+        # embedding). A frozen parameter never gets a gradient: mark it as already hooked so MemTracker skips it
+        # (it still counts its bytes), with a handle whose remove() does nothing.
+        for p in module.parameters():
+            if not p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                self._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
     def current(self) -> int:
         return sum(s["Total"] for s in self._curr_mem_snap.values())

@@ -206,3 +206,59 @@ def test_fsdp_cross_check_with_fsdp2_mem_tracker():
         dist.destroy_process_group()
     # ours is conservative: two gathered blocks (current + prefetched) and the root's parameters (docs/memory.md)
     assert real <= est["bytes"]["total_peak"] <= 1.10 * real, (est["bytes"]["total_peak"], real)
+
+
+FROZEN = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.emb.weight.requires_grad_(False)  # a frozen embedding, as with LoRA or a fixed vocabulary
+        self.fc = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 50)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(self.emb(x))))
+
+def build_model():
+    return M()
+
+def sample_batch(batch_size):
+    return torch.randint(0, 50, (batch_size, 8)), torch.randint(0, 50, (batch_size, 8))
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+'''
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_model_with_frozen_parameters_is_traced_exactly(tmp_path, name):
+    from precondtune.memory_trace import PhaseMemTracker
+    from precondtune.modelfile import load_model_file
+
+    path = tmp_path / "frozen.py"
+    path.write_text(FROZEN)
+    mf = load_model_file(path)
+    e = precondtune.estimate_memory(str(path), name, batch_size=BATCH)
+    trainable = sum(p.numel() * 4 for p in mf.build().parameters() if p.requires_grad)
+    assert e["bytes"]["gradients"] == trainable
+    torch.manual_seed(0)
+    model, batch = mf.build(), mf.sample_batch(BATCH)
+    opt = po.build(name, model)
+    mt = PhaseMemTracker()  # torch's own MemTracker refuses to hook a frozen parameter
+    mt.track_external(model, opt, *_batch_tensors(batch))
+    with mt:
+        for it in range(2):
+            if it == 1:
+                mt.reset_mod_stats()
+            mf.raw_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    real = sum(s["Total"] for s in mt.get_tracker_snapshot("peak").values())
+    assert e["bytes"]["optimizer_state"] == measured_state_bytes(opt)
+    assert abs(e["bytes"]["total_peak"] - real) <= 0.02 * real, (e["bytes"]["total_peak"], real)
