@@ -9,10 +9,10 @@ optimizer step's own temporaries and the peak, with the phase where the peak hap
   peak = max over phases (forward, backward, step), each phase with what is alive during it — not the sum of
   the components, which over-counts;
 * **sharding** over ``world_size`` GPUs: ZeRO-1 shards optimizer state, ZeRO-2 also gradients, FSDP also weights
-  (plus the all-gathered units: the root's parameters and two blocks, current and prefetched). Matrix optimizers
-  (roles without ``vector``: Muon, Shampoo, SOAP, AdaDiag, Iso, GaLore, ...) update whole matrices, so under any
-  sharding the largest matrix they own is gathered for its update; that transient is counted in
-  ``step_temporaries`` and said in ``notes``;
+  (plus the all-gathered units: the root's parameters and two blocks, current and prefetched). Non-elementwise
+  optimizers (all but AdamW and Sophia: Muon, Shampoo, SOAP, Adafactor, AdaDiag, Iso, GaLore, ...) update whole
+  matrices, so under any sharding the largest matrix they own is gathered for its update; that transient is
+  counted in ``step_temporaries`` and said in ``notes``;
 * **fit** against a GPU profile's memory less a reserve for the CUDA context, library workspaces and allocator
   fragmentation (``reserve_gb``, default :data:`DEFAULT_RESERVE_GB`).
 
@@ -243,7 +243,9 @@ class MemoryPlanner:
              hooked: bool) -> tuple[Trace, str] | None:
         """The traced optimizer step; ``hooked`` optimizers (they hook the model) need whole training iterations,
         hence a batch (None without one)."""
-        key = ("step", name, repr(sorted(hyperparameters.items())), repr(routing))
+        # a hooked optimizer's trace is a whole training iteration: it depends on the batch size too
+        key = ("step", name, repr(sorted(hyperparameters.items())), repr(routing),
+               self.settings.batch_size if hooked else None)
         if hooked and self.m.sample_batch is None:
             return None
         if key not in self.m.traces:
@@ -307,10 +309,9 @@ class MemoryPlanner:
         g_gpu = _shard(grads, n_world) if s.sharding in ("zero2", "fsdp") else grads
         st_gpu = _shard(state, n_world) if s.sharding != "none" else state
         gather_fwd = gather_bwd = 0
-        matrix_only = "vector" not in spec.roles
         if s.sharding != "none" and n_world > 1:
-            if matrix_only:
-                owned = [a.info for a in assignments if a.spec.name == name]
+            if not spec.elementwise:  # its update needs the whole matrix: the largest one it owns is gathered
+                owned = [a.info for a in assignments if a.spec.name == name and len(a.info.shape) >= 2]
                 if owned:
                     big = max(owned, key=lambda i: i.numel)
                     gathered = _nbytes(big.shape, self.grad_dtype)
@@ -385,9 +386,9 @@ class MemoryPlanner:
         """Largest batch size whose traced peak fits (0: not even 1; None: no batch can be made)."""
         if self.m.sample_batch is None:
             return None
-        if entry["phases"]["step"] > capacity:
-            return 0
         name, hp = entry["name"], entry["hyperparameters"]
+        if entry["phases"]["step"] > capacity and po.get_spec(name).make is None:
+            return 0  # the step alone does not fit and does not shrink with the batch (a hooked one's does)
 
         def fits(b: int) -> bool:
             sub = MemoryPlanner.__new__(MemoryPlanner)

@@ -262,3 +262,24 @@ def test_a_model_with_frozen_parameters_is_traced_exactly(tmp_path, name):
     real = sum(s["Total"] for s in mt.get_tracker_snapshot("peak").values())
     assert e["bytes"]["optimizer_state"] == measured_state_bytes(opt)
     assert abs(e["bytes"]["total_peak"] - real) <= 0.02 * real, (e["bytes"]["total_peak"], real)
+
+
+def test_max_batch_size_of_a_hooked_optimizer_is_the_largest_that_fits():
+    mf = load_example("chargpt")
+    base = {"gpu": "l4", "reserve_gb": 24 - 40e6 / 2**30}  # ≈ 40 MB usable
+    found = plan_memory(mf, "iso", MemorySettings(batch_size=8, max_batch_size=True, **base))["optimizers"][0]
+    best = found["max_batch_size"]
+    assert best and best > 1
+    at = plan_memory(mf, "iso", MemorySettings(batch_size=best, **base))["optimizers"][0]
+    above = plan_memory(mf, "iso", MemorySettings(batch_size=best + 1, **base))["optimizers"][0]
+    assert at["fits"] and not above["fits"]
+    from_large = plan_memory(mf, "iso", MemorySettings(batch_size=64, max_batch_size=True, **base))
+    assert from_large["optimizers"][0]["max_batch_size"] == best  # the same answer from any starting batch
+
+
+def test_every_non_elementwise_optimizer_gathers_its_largest_matrix_under_sharding():
+    mf = load_example("chargpt")
+    doc = plan_memory(mf, "adamw,sophia,shampoo,soap,adafactor",
+                      MemorySettings(batch_size=BATCH, sharding="zero2", world_size=4))
+    gathered = {e["name"]: any("gathered for its update" in n for n in e["notes"]) for e in doc["optimizers"]}
+    assert gathered == {"adamw": False, "sophia": False, "shampoo": True, "soap": True, "adafactor": True}

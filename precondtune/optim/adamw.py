@@ -95,4 +95,5 @@ SPEC = OptimizerSpec(
     name="adamw", family="diagonal (Adam)", paper="Loshchilov & Hutter 2019, arXiv 1711.05101",
     config_cls=Config, optimizer_cls=AdamW, state_bytes=state_bytes, step_flops=step_flops,
     search_space=search_space, from_adamw=from_adamw, state_formula="2·n (m, v)", roles=ALL_ROLES,
+    elementwise=True,
 )

@@ -102,6 +102,9 @@ class OptimizerSpec:
     make: Callable[..., torch.optim.Optimizer] | None = None
     """Optional ``make(groups, model, **hp) -> Optimizer`` for optimizers that need the model (hooks)."""
     notes: str = ""
+    elementwise: bool = False
+    """True when every update element depends only on the same element's gradient and state (AdamW, Sophia), so
+    a sharded parameter updates in place; otherwise the update needs the whole matrix (or whole rows/columns)."""
     trial_params: Callable[[Any], dict[str, Any]] | None = None
     """Optional ``trial_params(config) -> {param: value}``: search-space params that do not share a Config field's
     name (Muon's ``ns_schedule``), so a warm start records the params that reproduce its config."""

@@ -314,7 +314,7 @@ SPEC = OptimizerSpec(
     name="sophia", family="diagonal (Hessian)", paper="Liu et al. 2023, arXiv 2305.14342",
     config_cls=Config, optimizer_cls=Sophia, state_bytes=state_bytes, step_flops=step_flops,
     search_space=search_space, from_adamw=from_adamw, state_formula="2·n (m, h)", refresh_knobs=("k",),
-    roles=ALL_ROLES,
+    roles=ALL_ROLES, elementwise=True,
     notes="Hessian estimate every k steps: one extra forward+backward (GNB) or about two (Hutchinson); "
           "call sophia.hessian_step(opt, model, batch, loss_fn, logits_fn) each step",
 )
