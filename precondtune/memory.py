@@ -37,6 +37,7 @@ from .hardware import detect_gpus, profile_for_device_name, resolve_profile
 from .inventory import count_parameters, inventory
 from .memory_trace import (
     Trace,
+    cast_batch,
     extrapolate,
     fake_copy,
     quiet_fake_tensor_log,
@@ -207,6 +208,8 @@ class MemoryPlanner:
     def _batch(self, batch_size: int) -> Any:
         assert self.m.sample_batch is not None
         batch = self.m.sample_batch(batch_size)
+        if self.settings.param_dtype and not self.settings.autocast:  # bf16 parameters are fed bf16 inputs
+            batch = cast_batch(batch, self.param_dtype)
         self._batch_bytes[batch_size] = sum(t.numel() * t.element_size() for t in iter_tensors(batch))
         return batch
 

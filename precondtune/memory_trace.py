@@ -31,7 +31,7 @@ import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,17 +210,29 @@ def _checkpoint_forward(block: nn.Module) -> None:
     block.forward = checkpointed  # type: ignore[method-assign]
 
 
-def fake_batch(batch: Any, mode: FakeTensorMode) -> Any:
-    """The batch with every tensor replaced by a fake one (nested lists, tuples and dicts kept)."""
+def map_batch(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``fn`` applied to every tensor of the batch (nested lists, tuples, named tuples and mappings — dicts,
+    ``UserDict``s such as Hugging Face's ``BatchEncoding`` — kept)."""
     if torch.is_tensor(batch):
-        return mode.from_tensor(batch)
-    if isinstance(batch, dict):
-        return type(batch)({k: fake_batch(v, mode) for k, v in batch.items()})
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: map_batch(v, fn) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(fake_batch(v, mode) for v in batch))
+        return type(batch)(*(map_batch(v, fn) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(fake_batch(v, mode) for v in batch)
+        return type(batch)(map_batch(v, fn) for v in batch)
     return batch
+
+
+def fake_batch(batch: Any, mode: FakeTensorMode) -> Any:
+    """The batch with every tensor replaced by a fake one."""
+    return map_batch(batch, mode.from_tensor)
+
+
+def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
+    """The batch with its floating tensors in ``dtype`` (what a model whose parameters are in ``dtype`` is fed
+    when no autocast converts its inputs)."""
+    return map_batch(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 @dataclass
@@ -305,7 +317,7 @@ def _tensors(x: Any) -> list[torch.Tensor]:
         return []
     if torch.is_tensor(x):
         return [x]
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return [t for v in x.values() for t in _tensors(v)]
     if isinstance(x, (list, tuple)):
         return [t for v in x for t in _tensors(v)]

@@ -283,3 +283,32 @@ def test_every_non_elementwise_optimizer_gathers_its_largest_matrix_under_shardi
                       MemorySettings(batch_size=BATCH, sharding="zero2", world_size=4))
     gathered = {e["name"]: any("gathered for its update" in n for n in e["notes"]) for e in doc["optimizers"]}
     assert gathered == {"adamw": False, "sophia": False, "shampoo": True, "soap": True, "adafactor": True}
+
+
+def test_bf16_parameters_are_traced_with_bf16_inputs():
+    e = precondtune.estimate_memory(str(load_example("cnn").path), "adamw", batch_size=BATCH, param_dtype="bf16")
+    fp32 = precondtune.estimate_memory(str(load_example("cnn").path), "adamw", batch_size=BATCH)
+    assert e["activations_traced"] and 0 < e["bytes"]["total_peak"] < fp32["bytes"]["total_peak"]
+
+
+USERDICT = '''
+from collections import UserDict
+import torch
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+
+def sample_batch(batch_size):  # a UserDict, as Hugging Face's BatchEncoding is
+    return UserDict({"x": torch.randn(batch_size, 6), "y": torch.randn(batch_size, 1)})
+
+def loss_fn(model, batch):
+    return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+'''
+
+
+def test_a_userdict_batch_is_traced(tmp_path):
+    path = tmp_path / "ud.py"
+    path.write_text(USERDICT)
+    e = precondtune.estimate_memory(str(path), "adamw", batch_size=BATCH)
+    assert e["activations_traced"] and e["bytes"]["activations"] > 0
