@@ -103,8 +103,8 @@ class MemorySettings:
                 parse_dtype(getattr(self, name))
         if self.autocast is not None and parse_dtype(self.autocast) not in (torch.bfloat16, torch.float16):
             raise ConfigError(f"--autocast {self.autocast!r}: use bf16 or fp16")
-        if not self.reserve_gb >= 0:
-            raise ConfigError(f"reserve {self.reserve_gb!r} GiB is out of range; allowed: >= 0")
+        if not (self.reserve_gb >= 0 and math.isfinite(self.reserve_gb)):
+            raise ConfigError(f"reserve {self.reserve_gb!r} GiB is out of range; allowed: a finite number >= 0")
 
 
 @dataclass(frozen=True)

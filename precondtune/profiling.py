@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelFileError
 from .inventory import count_parameters, inventory, role_counts
 from .modelfile import ModelFile, is_meta, move_to, tokens_in
 
@@ -43,7 +43,10 @@ def resolve_device(device: str, model: nn.Module | None = None) -> torch.device:
 
 def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any) -> int:
     """FLOPs of one forward+backward on ``batch`` as ``FlopCounterMode`` counts them (grads cleared after)."""
-    device = next(model.parameters()).device
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ModelFileError(f"{mf.path}: the model has no parameters; nothing to optimize")
+    device = param.device
     batch = move_to(batch, device)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel([SDPBackend.MATH]), counter:

@@ -64,3 +64,32 @@ def test_batch_that_makes_the_model_raise(tmp_path):
     r = runner.invoke(app, ["memory", str(bad), "-o", "adamw"])
     assert r.exit_code == 2
     assert "bad.py" in r.stderr and "raised" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+NO_PARAMS = '''
+import torch
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.ReLU())
+
+def sample_batch(batch_size):
+    return torch.randn(batch_size, 4), torch.randn(batch_size, 4)
+
+def loss_fn(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+'''
+
+
+@pytest.mark.parametrize("command", ["profile", "flops", "memory"])
+def test_a_model_without_parameters_is_one_line_exit_2(tmp_path, command):
+    path = tmp_path / "noparams.py"
+    path.write_text(NO_PARAMS)
+    r = runner.invoke(app, [command, str(path)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_an_infinite_reserve_is_rejected():
+    r = runner.invoke(app, ["memory", str(EXAMPLES / "mlp.py"), "--reserve-gb", "inf"])
+    assert r.exit_code == 2 and "finite" in r.output
