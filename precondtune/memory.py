@@ -130,6 +130,12 @@ def resolve_target(gpu: str | None) -> Target:
     return Target(prof.name, int(prof.memory_bytes.value), "default (no GPU detected; pass --gpu PROFILE)")
 
 
+def _fake_mode() -> FakeTensorMode:
+    """A fake-tensor mode that also accepts real tensors the model keeps outside its parameters and buffers
+    (a plain tensor attribute used in forward): they take part as constants and are not counted."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
 def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     return math.prod(shape) * itemsize(dtype)
 
@@ -227,7 +233,7 @@ class MemoryPlanner:
             autocast = parse_dtype(s.autocast) if s.autocast else None
 
             def run(k: int | None) -> Trace:
-                fm = fake_copy(self.m.module, FakeTensorMode(), param_dtype=self.param_dtype, keep_blocks=k,
+                fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.param_dtype, keep_blocks=k,
                                checkpoint_blocks=s.checkpoint_blocks)
                 return trace_forward_backward(fm, batch, self.m.loss, autocast=autocast)
 
@@ -260,7 +266,7 @@ class MemoryPlanner:
             autocast = parse_dtype(s.autocast) if s.autocast else None
 
             def run(k: int | None) -> Trace:
-                fm = fake_copy(self.m.module, FakeTensorMode(), param_dtype=self.step_dtype, keep_blocks=k,
+                fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.step_dtype, keep_blocks=k,
                                checkpoint_blocks=s.checkpoint_blocks and hooked)
                 if hooked:
                     return trace_training(fm, batch, self.m.loss, build, autocast=autocast)

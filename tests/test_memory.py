@@ -313,3 +313,35 @@ def test_a_userdict_batch_is_traced(tmp_path):
     path.write_text(USERDICT)
     e = precondtune.estimate_memory(str(path), "adamw", batch_size=BATCH)
     assert e["activations_traced"] and e["bytes"]["activations"] > 0
+
+
+PLAIN_ATTR = '''
+import torch
+from torch import nn
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.scale = torch.linspace(0.5, 1.5, 6)  # a plain tensor attribute, not a registered buffer
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+def build_model():
+    return M()
+
+def sample_batch(batch_size):
+    return torch.randn(batch_size, 6), torch.randn(batch_size, 6)
+
+def loss_fn(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+'''
+
+
+def test_a_plain_tensor_attribute_used_in_forward_is_traced(tmp_path):
+    path = tmp_path / "plain.py"
+    path.write_text(PLAIN_ATTR)
+    e = precondtune.estimate_memory(str(path), "adamw", batch_size=BATCH)
+    assert e["activations_traced"] and e["bytes"]["optimizer_state"] == 2 * 42 * 4
