@@ -96,6 +96,8 @@ def inventory(model: nn.Module, *, include_frozen: bool = False) -> list[ParamIn
             extra: dict[str, Any] = {}
             if isinstance(module, nn.MultiheadAttention) and pname == "in_proj_weight":
                 extra = {"heads": module.num_heads, "attention": "in_proj"}
+            if isinstance(module, nn.Linear) and pname == "weight":
+                extra = {"linear": True}  # an nn.Linear weight (optimizers that hook Linear layers need one)
             if id(p) in seen:
                 entry = out[seen[id(p)]]
                 if full not in entry["tied_names"] and full != entry["name"]:

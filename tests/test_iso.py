@@ -206,8 +206,14 @@ def test_needs_the_model_and_observable_linear_layers():
         def forward(self, x):
             return self.head(x @ self.w)
 
-    with pytest.raises(ConfigError, match="route it to adamw"):
-        po.build("iso-adam", Raw())
+    from precondtune.inventory import inventory
+
+    # by default a matrix that is not an nn.Linear weight goes to AdamW, as other roles do
+    assigned = {a.info.name: a.spec.name for a in po.route("iso-adam", inventory(Raw()))}
+    assert assigned["w"] == "adamw"
+    po.build("iso-adam", Raw())
+    with pytest.raises(ConfigError, match="route it to adamw"):  # a rule that sends it to Iso anyway is refused
+        po.build("iso-adam", Raw(), routing=[{"match": "matrix", "name": "^w$", "optimizer": "iso-adam"}])
 
     class Bypassed(nn.Module):
         def __init__(self) -> None:

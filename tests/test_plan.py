@@ -251,3 +251,42 @@ def test_a_reused_out_directory_keeps_no_stale_config(tmp_path):
                             "--reserve-gb", "23.99999", "--out", str(out), "--storage", "memory"])
     assert r.exit_code == 1 and "nothing fits" in (out / "report.md").read_text()
     assert not (out / "recommended.yaml").exists() and not (out / "loss_curves.png").exists()
+
+
+RAW_PARAM = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(8, 16))  # a learned positional table as a raw parameter
+        self.emb = nn.Embedding(30, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 30)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.hidden(self.emb(x) + self.pos)))
+
+def build_model():
+    return M()
+
+def sample_batch(batch_size):
+    return torch.randint(0, 30, (batch_size, 8)), torch.randint(0, 30, (batch_size, 8))
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+'''
+
+
+def test_plan_runs_on_a_model_with_a_raw_matrix_parameter(tmp_path):
+    path = tmp_path / "rawparam.py"
+    path.write_text(RAW_PARAM)
+    r = runner.invoke(app, ["plan", str(path), "-o", "adamw,iso,muon", "--trials", "1", "--steps", "6", "--seeds", "1",
+                            "--batch-size", "4", "--device", "cpu", "--storage", "memory", "--out",
+                            str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert {o["name"]: o["status"] for o in doc["optimizers"]}["iso"] == "ranked"

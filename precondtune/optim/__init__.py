@@ -111,6 +111,9 @@ def route(name: str, infos: list[ParamInfo], routing: Iterable[Rule | Mapping[st
                 spec = get_spec(rule.optimizer) if rule.optimizer else main
                 overrides = rule.hyperparameters
                 break
+        else:  # no rule names it: the default routing, where a parameter main cannot take goes to AdamW
+            if main.accepts is not None and info.module_type and not main.accepts(info):  # (bare tensors: main)
+                spec = get_spec("adamw")
         if info.role not in spec.roles:
             raise ConfigError(f"{spec.name} cannot update {info.name} (role {info.role}); route role "
                               f"{info.role!r} to another optimizer, e.g. adamw")

@@ -368,13 +368,18 @@ def adam_from_adamw(*, lr: float, betas: tuple[float, float] = AdamConfig.betas,
                     "Jackson, arXiv 2307.12979, Sec. 4.1: IsoAdam lets Adam's optimal hyperparameters transfer")
 
 
+def _is_linear(info: Any) -> bool:
+    """Iso preconditions nn.Linear weights only (its statistics come from the layer's hooks)."""
+    return bool(info.extra.get("linear"))
+
+
 SPEC = OptimizerSpec(
     name="iso", family="full-matrix (Kronecker, activations)", paper="Jackson 2023, arXiv 2307.12979",
     config_cls=Config, optimizer_cls=Iso, state_bytes=state_bytes, step_flops=step_flops,
     search_space=search_space, from_adamw=from_adamw,
     state_formula="out·in (m) + 2·in² + 2·out² (covariances, inverse roots)",
-    refresh_knobs=("precondition_frequency",), roles=frozenset({"matrix"}), make=_make(Iso),
-    notes="nn.Linear weights only (hooks); head, embeddings, vectors and convs go to AdamW; hooks cost "
+    refresh_knobs=("precondition_frequency",), roles=frozenset({"matrix"}), make=_make(Iso), accepts=_is_linear,
+    notes="nn.Linear weights only (hooks); other matrices, head, embeddings, vectors and convs go to AdamW; hooks cost "
           "2·N·(in² + out²) FLOPs per layer inside backward",
 )
 
@@ -384,7 +389,7 @@ ADAM_SPEC = OptimizerSpec(
     search_space=adam_search_space, from_adamw=adam_from_adamw,
     state_formula="2·out·in (m, v) + 2·in² + 2·out² (covariances, inverse roots)",
     refresh_knobs=("precondition_frequency",), roles=frozenset({"matrix"}), make=_make(IsoAdam),
-    aliases=("isoadam",),
-    notes="nn.Linear weights only (hooks); head, embeddings, vectors and convs go to AdamW; hooks cost "
+    aliases=("isoadam",), accepts=_is_linear,
+    notes="nn.Linear weights only (hooks); other matrices, head, embeddings, vectors and convs go to AdamW; hooks cost "
           "2·N·(in² + out²) FLOPs per layer inside backward",
 )

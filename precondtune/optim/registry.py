@@ -102,6 +102,9 @@ class OptimizerSpec:
     make: Callable[..., torch.optim.Optimizer] | None = None
     """Optional ``make(groups, model, **hp) -> Optimizer`` for optimizers that need the model (hooks)."""
     notes: str = ""
+    accepts: Callable[[ParamInfo], bool] | None = None
+    """Optional predicate for parameters of a role the optimizer handles that it still cannot update (Iso: only
+    ``nn.Linear`` weights); the default routing sends the others to AdamW, as it does other roles."""
     elementwise: bool = False
     """True when every update element depends only on the same element's gradient and state (AdamW, Sophia), so
     a sharded parameter updates in place; otherwise the update needs the whole matrix (or whole rows/columns)."""
