@@ -294,6 +294,9 @@ class MemoryPlanner:
         traced_state_dtype_state = po.state_bytes(name, self.m.infos, routing=routing,
                                                   state_dtype=self.step_dtype if self.state_dtype else None, **hp)
         notes: list[str] = []
+        if s.checkpoint_blocks and not self.m.blocks:
+            notes.append("--checkpoint-blocks: the model has no repeated blocks (an nn.ModuleList of identical "
+                         "children), so nothing was checkpointed")
 
         hooked = any(a.spec.make is not None for a in assignments)
         traced = self.step(name, hp, routing, hooked)

@@ -345,3 +345,10 @@ def test_a_plain_tensor_attribute_used_in_forward_is_traced(tmp_path):
     path.write_text(PLAIN_ATTR)
     e = precondtune.estimate_memory(str(path), "adamw", batch_size=BATCH)
     assert e["activations_traced"] and e["bytes"]["optimizer_state"] == 2 * 42 * 4
+
+
+def test_checkpoint_blocks_on_a_model_without_blocks_says_so():
+    doc = plan_memory(load_example("mlp"), "adamw", MemorySettings(batch_size=BATCH, checkpoint_blocks=True))
+    assert any("no repeated blocks" in n for n in doc["optimizers"][0]["notes"])
+    chargpt = plan_memory(load_example("chargpt"), "adamw", MemorySettings(batch_size=BATCH, checkpoint_blocks=True))
+    assert not any("no repeated blocks" in n for n in chargpt["optimizers"][0]["notes"])
