@@ -31,7 +31,7 @@ import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,8 @@ from torch import nn
 from torch._subclasses import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .modelfile import iter_tensors, map_batch
 
 MIN_BLOCKS_TO_EXTRAPOLATE = 8
 """Below this many repeated blocks the full model is traced (three truncated traces would cost about as much)."""
@@ -210,20 +212,6 @@ def _checkpoint_forward(block: nn.Module) -> None:
     block.forward = checkpointed  # type: ignore[method-assign]
 
 
-def map_batch(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``fn`` applied to every tensor of the batch (nested lists, tuples, named tuples and mappings — dicts,
-    ``UserDict``s such as Hugging Face's ``BatchEncoding`` — kept)."""
-    if torch.is_tensor(batch):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: map_batch(v, fn) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(map_batch(v, fn) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(map_batch(v, fn) for v in batch)
-    return batch
-
-
 def fake_batch(batch: Any, mode: FakeTensorMode) -> Any:
     """The batch with every tensor replaced by a fake one."""
     return map_batch(batch, mode.from_tensor)
@@ -313,15 +301,7 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
-    if x is None:
-        return []
-    if torch.is_tensor(x):
-        return [x]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _tensors(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []
+    return list(iter_tensors(x))
 
 
 def extrapolate(run: Callable[[int | None], Trace], blocks: int | None, *, check: bool = True) -> tuple[Trace, str]:

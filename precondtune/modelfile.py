@@ -74,17 +74,23 @@ def import_file(path: Path) -> ModuleType:
     return module
 
 
+def map_batch(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``fn`` applied to every tensor of a (nested) batch: lists, tuples, named tuples and mappings (dicts, and
+    ``UserDict``s such as Hugging Face's ``BatchEncoding``) keep their type."""
+    if torch.is_tensor(batch):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: map_batch(v, fn) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_batch(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_batch(v, fn) for v in batch)
+    return batch
+
+
 def move_to(batch: Any, device: torch.device | str) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: move_to(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_to(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
+    return map_batch(batch, lambda t: t.to(device))
 
 
 def iter_tensors(batch: Any) -> Iterator[torch.Tensor]:

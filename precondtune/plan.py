@@ -38,6 +38,7 @@ from .memory import MemorySettings, plan_memory
 from .modelfile import ModelFile
 from .profiling import Profile, profile_model, resolve_device
 from .search import (
+    INTERRUPTED,
     AdamWReference,
     Knobs,
     Objective,
@@ -217,7 +218,7 @@ def _counts_toward_trials(t: optuna.trial.FrozenTrial) -> bool:
     if not t.state.is_finished():
         return False
     return not (t.state == optuna.trial.TrialState.FAIL
-                and str(t.user_attrs.get("fail_reason", "")).startswith("interrupted"))
+                and str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED))
 
 
 def _finished_trials(url: str | None, study: str) -> int:

@@ -64,6 +64,8 @@ SNAPSHOT_SECONDS = 10.0
 """Longest a pruner's snapshot of the completed trials is reused within one trial (:class:`CompletedSnapshot`)."""
 REPORTS_PER_TRIAL = 10
 """Intermediate values per trial (each a mean training loss over its window) offered to the pruner."""
+INTERRUPTED = "interrupted"
+"""How the ``fail_reason`` of a trial stopped by Ctrl-C begins (``plan`` re-runs such a trial on resume)."""
 RESULT_ATTR = "result"
 """The trial user attr holding what its run measured: steps_run, start_loss, median_step_seconds, train_seconds,
 trial_seconds, final_train_loss. Alongside it: ``hyperparameters`` (the full Config), ``pruned_reason`` or
@@ -525,7 +527,7 @@ class Objective:
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the same command to resume")
+            trial.set_user_attr("fail_reason", INTERRUPTED + " (Ctrl-C); rerun the same command to resume")
             raise
         except Exception as e:
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
