@@ -259,7 +259,8 @@ def test_completed_snapshot_prunes_exactly_like_the_median_pruner(tiny_model, mo
     assert snap == plain
 
 
-def test_completed_snapshot_reads_the_completed_trials_once_per_trial():
+def test_completed_snapshot_reads_the_storage_only_when_it_is_stale(monkeypatch):
+    import precondtune.search as search
     from precondtune.search import CompletedSnapshot
 
     study = optuna.create_study()
@@ -273,14 +274,32 @@ def test_completed_snapshot_reads_the_completed_trials_once_per_trial():
         return real(deepcopy=deepcopy, states=states)
 
     study.get_trials = counting
+    clock = [100.0]
+    monkeypatch.setattr(search.time, "monotonic", lambda: clock[0])
     pruner = CompletedSnapshot(optuna.pruners.MedianPruner(n_startup_trials=1))
-    bad = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values={1: 9.0})
-    good = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values={1: 0.5})
-    bad.number, good.number = 3, 4
-    assert all(pruner.prune(study, bad) for _ in range(4))
+
+    def running(number, value):
+        t = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values={1: value})
+        t.number = number
+        return t
+
+    assert all(pruner.prune(study, running(3, 9.0)) for _ in range(4))
     assert len(reads) == 1
-    assert not pruner.prune(study, good)
-    assert len(reads) == 2  # a new trial takes a new snapshot
+    middling = running(4, 1.5)
+    assert not pruner.prune(study, middling)  # median of 1, 2, 3 at step 1
+    assert len(reads) == 1  # the next trial reuses the snapshot
+    for number in (5, 6):  # two trials this process completes join it without a read ...
+        done = optuna.trial.create_trial(value=0.1, intermediate_values={1: 0.1})
+        done.number = number
+        pruner.observe(study, done)
+    pruner.observe(optuna.create_study(), optuna.trial.create_trial(value=0.0, intermediate_values={1: 0.0}))
+    pruned = optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.0})
+    pruner.observe(study, pruned)  # ... but not another study's trial, nor a pruned one
+    assert pruner.prune(study, running(7, 1.5))  # median of 0.1, 0.1, 1, 2, 3 is 1
+    assert len(reads) == 1
+    clock[0] += search.SNAPSHOT_SECONDS + 1  # trials finished by other workers are read after SNAPSHOT_SECONDS
+    assert not pruner.prune(study, running(8, 1.5))  # the storage has only 1, 2, 3
+    assert len(reads) == 2
 
 
 def test_trials_written_by_0_1_0_with_one_attr_per_measurement_are_still_read():
