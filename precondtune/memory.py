@@ -223,10 +223,14 @@ class MemoryPlanner:
         return len(self.m.blocks[1]) if self.m.blocks else None
 
     def forward_backward(self, batch_size: int) -> tuple[Trace, str] | None:
-        """The traced forward/backward at ``batch_size`` (cached), or None without a way to make a batch."""
+        """The traced forward/backward at ``batch_size`` (cached), or None without a way to make a batch.
+
+        Its backward peak is the instant with the most per-GPU bytes, gradients counted at their per-GPU share
+        (:meth:`grad_share`): sharded gradients move the peak earlier, where more activations are alive."""
         if self.m.sample_batch is None:
             return None
-        key = ("fb", batch_size)
+        weight = self.grad_share() - 1.0
+        key = ("fb", batch_size, weight)
         if key not in self.m.traces:
             batch = self._batch(batch_size)
             s = self.settings
@@ -235,7 +239,7 @@ class MemoryPlanner:
             def run(k: int | None) -> Trace:
                 fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.param_dtype, keep_blocks=k,
                                checkpoint_blocks=s.checkpoint_blocks)
-                return trace_forward_backward(fm, batch, self.m.loss, autocast=autocast)
+                return trace_forward_backward(fm, batch, self.m.loss, autocast=autocast, grad_weight=weight)
 
             try:
                 with quiet_fake_tensor_log():
@@ -247,6 +251,14 @@ class MemoryPlanner:
                                      f"{_one_line(e)} (traced on fake tensors); fix the model, sample_batch or "
                                      f"loss_fn") from e
         return self.m.traces[key]
+
+    def grad_share(self) -> float:
+        """Per-GPU gradient bytes per traced gradient byte: the gradient dtype's width over the parameters' (the
+        trace makes gradients in the parameter dtype), over the world size when gradients are sharded."""
+        share = itemsize(self.grad_dtype) / itemsize(self.param_dtype)
+        if self.settings.sharding in ("zero2", "fsdp"):
+            share /= self.settings.world_size
+        return share
 
     def step(self, name: str, hyperparameters: Mapping[str, Any], routing: Any,
              hooked: bool) -> tuple[Trace, str] | None:
@@ -330,11 +342,15 @@ class MemoryPlanner:
                     temporaries += gathered
                     notes.append(f"{name} updates whole matrices: the largest ({big.name}, {tuple(big.shape)}) is "
                                  f"gathered for its update (+{gathered} B in step_temporaries)")
+            else:  # each rank updates its shard only: the temporaries of a multi-tensor sweep shrink with it
+                temporaries = _shard(temporaries, n_world)
+                notes.append(f"{name} is elementwise: each GPU updates its shard, step_temporaries divided by "
+                             f"{n_world}")
             if s.sharding == "fsdp":
                 gather_fwd, unit_grads = self._fsdp_gathered()
-                gather_bwd = gather_fwd + unit_grads
+                gather_bwd = gather_fwd + 2 * unit_grads  # a unit's unsharded gradients and their reduce-scatter copy
                 notes.append("fsdp: all-gathered units counted (root parameters and two blocks: current and "
-                             "prefetched)")
+                             "prefetched; in backward also one block's gradients and its reduce-scatter input)")
 
         fb = self.forward_backward(s.batch_size)
         batch_bytes = self._batch_bytes.get(s.batch_size, 0)

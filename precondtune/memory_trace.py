@@ -31,6 +31,7 @@ import contextlib
 import copy
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .modelfile import iter_tensors, map_batch
@@ -47,6 +48,7 @@ MIN_BLOCKS_TO_EXTRAPOLATE = 8
 """Below this many repeated blocks the full model is traced (three truncated traces would cost about as much)."""
 
 PHASES = ("forward", "backward", "step")
+_GRAD = _MemRefType.GRAD
 
 
 class _NoHook:
@@ -62,25 +64,44 @@ _NO_HOOK = _NoHook()
 class PhaseMemTracker(MemTracker):
     """``MemTracker`` that also keeps the peak (and its per-category breakdown) of each named phase.
 
+    ``grad_weight`` c picks *which* instant is a phase's peak: the one with the most ``total + c · gradient
+    bytes``. With c = 0 it is the plain peak. A sharded run keeps only 1/N of the gradients (ZeRO-2, FSDP), and a
+    run whose gradients are wider than its weights keeps more; its per-GPU peak in backward comes at another
+    instant than the unsharded trace's (earlier: more activations alive, fewer gradients), so the caller passes
+    c = (per-GPU gradient bytes per traced gradient byte) − 1 and gets that instant. ``peaks`` holds the plain
+    total at the chosen instant, ``peak_snaps`` its breakdown.
+
     Module-wise snapshots are not kept: updating them costs O(modules) per op, which dominates on large models.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grad_weight: float = 0.0) -> None:
         super().__init__()
         self.phase: str | None = None
+        self.grad_weight = grad_weight
         self.peaks: dict[str, int] = {}
         self.peak_snaps: dict[str, dict[str, int]] = {}
+        self._weighted: dict[str, float] = {}
 
     def _update_peak_stats(self, peak_state: Any) -> None:  # called by MemTracker after every op
-        total = 0
+        total = grads = 0
         for dev, snap in self._curr_mem_snap.items():
             total += snap["Total"]
+            grads += snap.get(_GRAD, 0)
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
-        if self.phase is not None and total > self.peaks.get(self.phase, -1):
+        if self.phase is None:
+            return
+        weighted = total + self.grad_weight * grads
+        if weighted > self._weighted.get(self.phase, -math.inf):
+            self._weighted[self.phase] = weighted
             self.peaks[self.phase] = total
             self.peak_snaps[self.phase] = self.categories()
+
+    def forget(self, phase: str) -> None:
+        """Drop ``phase``'s peak (a second iteration measures it afresh)."""
+        for d in (self.peaks, self.peak_snaps, self._weighted):
+            d.pop(phase, None)
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
         # MemTracker hooks every parameter for its gradient, and register_hook refuses a frozen one (LoRA, a frozen
@@ -106,8 +127,8 @@ class PhaseMemTracker(MemTracker):
     @contextlib.contextmanager
     def in_phase(self, name: str) -> Iterator[None]:
         self.phase = name
-        self.peaks.setdefault(name, self.current())
-        self.peak_snaps.setdefault(name, self.categories())
+        if name not in self.peaks:
+            self._update_peak_stats(None)  # the phase's first instant is its peak until an op raises it
         try:
             yield
         finally:
@@ -245,11 +266,12 @@ def _forward_backward(mt: PhaseMemTracker, model: nn.Module, batch: Any,
 
 
 def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], torch.Tensor], *,
-                           autocast: torch.dtype | None = None) -> Trace:
-    """Peak bytes of one forward and one backward of the fake model (weights, buffers and the batch included)."""
+                           autocast: torch.dtype | None = None, grad_weight: float = 0.0) -> Trace:
+    """Peak bytes of one forward and one backward of the fake model (weights, buffers and the batch included);
+    ``grad_weight`` as in :class:`PhaseMemTracker`."""
     with fm.mode, ScalarStub():
         fb = fake_batch(batch, fm.mode)
-        mt = PhaseMemTracker()
+        mt = PhaseMemTracker(grad_weight)
         mt.track_external(fm.model, *_tensors(fb))
         with mt:
             _forward_backward(mt, fm.model, fb, loss, autocast)
@@ -290,8 +312,7 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
                 if it == 1:
                     mt.reset_mod_stats()
                     for phase in ("forward", "backward"):
-                        mt.peaks.pop(phase, None)
-                        mt.peak_snaps.pop(phase, None)
+                        mt.forget(phase)
                 _forward_backward(mt, fm.model, fb, loss, autocast)
                 with mt.in_phase("step"):
                     opt.step()

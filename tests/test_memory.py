@@ -170,17 +170,15 @@ def test_adam_mini_table1(model_name):
     assert 0.5 <= mini / adamw < 0.501  # "50% ↓": one v per block is negligible next to m
 
 
-def test_fsdp_cross_check_with_fsdp2_mem_tracker():
-    """Our FSDP per-GPU peak vs torch's FSDPMemTracker on a CPU device mesh with the fake process group."""
+def _fsdp2_measured(mf, name: str, world: int, batch_size: int) -> tuple[int, int]:
+    """FSDP2 (``fully_shard`` per repeated block and on the root) on a CPU device mesh with the fake process group,
+    measured by torch's ``FSDPMemTracker``: (per-GPU peak of the second iteration, that of its step alone)."""
     import torch.distributed as dist
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    world = 4
-    mf = load_example("chargpt")
-    est = precondtune.estimate_memory(mf.path, "adamw", batch_size=8, world_size=world, sharding="fsdp")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
@@ -189,8 +187,8 @@ def test_fsdp_cross_check_with_fsdp2_mem_tracker():
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = po.build("adamw", model)
-        batch = mf.sample_batch(8)
+        opt = po.build(name, model)
+        batch = mf.sample_batch(batch_size)
         mt = FSDPMemTracker(model, opt)
         mt.track_inputs(batch)
         with mt:
@@ -201,11 +199,59 @@ def test_fsdp_cross_check_with_fsdp2_mem_tracker():
                 opt.zero_grad()
                 if it == 0:
                     mt.reset_mod_stats()
-        real = sum(s["Total"] for s in mt.get_tracker_snapshot("peak").values())
+        peak = sum(s["Total"] for s in mt.get_tracker_snapshot("peak").values())
+        mf.raw_loss(model, batch).backward()
+        step_only = FSDPMemTracker(model, opt)  # weights, gradients and state exist: the step's own peak
+        with step_only:
+            opt.step()
+        step = sum(s["Total"] for s in step_only.get_tracker_snapshot("peak").values())
     finally:
         dist.destroy_process_group()
-    # ours is conservative: two gathered blocks (current + prefetched) and the root's parameters (docs/memory.md)
-    assert real <= est["bytes"]["total_peak"] <= 1.10 * real, (est["bytes"]["total_peak"], real)
+    return peak, step
+
+
+def test_fsdp_cross_check_with_fsdp2_mem_tracker():
+    """Our FSDP per-GPU peak vs torch's FSDPMemTracker: chargpt (2 blocks), AdamW, world size 4."""
+    mf = load_example("chargpt")
+    est = precondtune.estimate_memory(mf.path, "adamw", batch_size=8, world_size=4, sharding="fsdp")
+    real, _ = _fsdp2_measured(mf, "adamw", 4, 8)
+    # conservative: the gathered units (root, two blocks, one block's gradients and their reduce-scatter copy) are
+    # counted through the whole backward, while this 2-block model peaks before any reduce-scatter (docs/memory.md)
+    assert real <= est["bytes"]["total_peak"] <= 1.13 * real, (est["bytes"]["total_peak"], real)
+
+
+DEEP_GPT = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("chargpt_example", {path!r})
+_chargpt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_chargpt)
+sample_batch, loss_fn = _chargpt.sample_batch, _chargpt.loss_fn
+
+def build_model():
+    return _chargpt.GPT(n_layer=16, n_head=4, d_model=128)
+"""
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_fsdp_peak_of_a_deep_model_whose_backward_peaks_early(tmp_path, name):
+    """16 blocks, batch 1, world size 4: per-GPU gradients are a quarter of the traced ones, so the backward peaks
+    early (activations alive, few gradients) and the sharded step is small. Counting the step's temporaries
+    unsharded over-counted AdamW by 22%; taking the unsharded trace's backward peak instant under-counted Muon by
+    5%, i.e. a run planned to fit that does not."""
+    from precondtune.modelfile import load_model_file
+
+    (tmp_path / "deep.py").write_text(DEEP_GPT.format(path=str(load_example("chargpt").path)))
+    mf = load_model_file(tmp_path / "deep.py")
+    est = precondtune.estimate_memory(mf.path, name, batch_size=1, world_size=4, sharding="fsdp")
+    real, real_step = _fsdp2_measured(mf, name, 4, 1)
+    assert est["peak_phase"] == "backward"
+    assert real <= est["bytes"]["total_peak"] <= 1.07 * real, (est["bytes"]["total_peak"], real)
+    batch_bytes = sum(t.nbytes for t in mf.sample_batch(1))  # the loop holds its batch through the step
+    if name == "adamw":  # elementwise: each GPU's multi-tensor step runs over its shard, exactly
+        assert est["phases"]["step"] == real_step + batch_bytes
+    else:  # Muon: the largest matrix gathered and the traced per-matrix transients, conservatively
+        assert real_step + batch_bytes <= est["phases"]["step"] <= 1.1 * (real_step + batch_bytes)
 
 
 FROZEN = '''
