@@ -263,7 +263,9 @@ class MemoryPlanner:
     def step(self, name: str, hyperparameters: Mapping[str, Any], routing: Any,
              hooked: bool) -> tuple[Trace, str] | None:
         """The traced optimizer step; ``hooked`` optimizers (they hook the model) need whole training iterations,
-        hence a batch (None without one)."""
+        hence a batch (None without one). Traced with the optimizer's ``every_step_refresh`` hyperparameters, so
+        both traced steps refresh and precondition from a state that exists: the largest step of the config."""
+        hyperparameters = {**hyperparameters, **po.get_spec(name).every_step_refresh}
         # a hooked optimizer's trace is a whole training iteration: it depends on the batch size too
         key = ("step", name, repr(sorted(hyperparameters.items())), repr(routing),
                self.settings.batch_size if hooked else None)
@@ -312,6 +314,9 @@ class MemoryPlanner:
 
         hooked = any(a.spec.make is not None for a in assignments)
         traced = self.step(name, hp, routing, hooked)
+        if spec.every_step_refresh and traced is not None:
+            knobs = ", ".join(f"{k}={v}" for k, v in spec.every_step_refresh.items())
+            notes.append(f"step traced as a refresh step ({knobs}): the largest step, whatever the refresh period")
         if traced is None:
             step_trace, step_how, temporaries = Trace(), "not traced (needs a batch: the optimizer hooks the model)", 0
         else:

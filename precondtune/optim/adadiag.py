@@ -151,6 +151,7 @@ SPEC = OptimizerSpec(
     config_cls=Config, optimizer_cls=AdaDiag, state_bytes=state_bytes, step_flops=step_flops,
     search_space=search_space, from_adamw=from_adamw,
     state_formula="min(m,n)² + 2·m·n (P, M, V)", refresh_knobs=("svd_every",), roles=MATRIX_ROLES,
+    every_step_refresh={"svd_every": 1},
     notes="one-sided; SVD every svd_every steps",
 )
 
@@ -159,5 +160,6 @@ SPEC_PP = OptimizerSpec(
     config_cls=Config, optimizer_cls=AdaDiagPP, state_bytes=functools.partial(state_bytes, two_sided=True),
     step_flops=functools.partial(step_flops, two_sided=True), search_space=search_space, from_adamw=from_adamw,
     state_formula="m² + n² + 2·m·n (P, Q, M, V)", refresh_knobs=("svd_every",), roles=MATRIX_ROLES,
+    every_step_refresh={"svd_every": 1},
     aliases=("adadiag++",), notes="two-sided; full SVD every svd_every steps",
 )

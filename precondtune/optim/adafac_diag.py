@@ -158,5 +158,5 @@ SPEC = OptimizerSpec(
     config_cls=Config, optimizer_cls=AdafacDiag, state_bytes=state_bytes, step_flops=step_flops,
     search_space=search_space, from_adamw=from_adamw,
     state_formula="m + n + min(m,n)² [+ m·n with momentum] (r, c, P [, M]); two_sided: + max(m,n)²",
-    refresh_knobs=("svd_every",), roles=MATRIX_ROLES, aliases=("adafacdiag",),
+    refresh_knobs=("svd_every",), every_step_refresh={"svd_every": 1}, roles=MATRIX_ROLES, aliases=("adafacdiag",),
 )

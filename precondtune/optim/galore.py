@@ -160,6 +160,7 @@ SPEC = OptimizerSpec(
     config_cls=Config, optimizer_cls=GaLore, state_bytes=state_bytes, step_flops=step_flops,
     search_space=search_space, from_adamw=from_adamw,
     state_formula="2·m·r + n·r (m ≥ n; else 2·n·r + m·r)", refresh_knobs=("update_proj_gap",),
+    every_step_refresh={"update_proj_gap": 1},
     roles=frozenset({"matrix"}),
     notes="matrix role only (the paper projects attention and MLP weights); embeddings, head, vectors, "
           "convs go to AdamW",

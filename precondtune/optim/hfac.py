@@ -231,5 +231,6 @@ SPEC_DIAG = OptimizerSpec(
     config_cls=DiagConfig, optimizer_cls=HfacDiag, state_bytes=diag_state_bytes, step_flops=diag_step_flops,
     search_space=diag_search_space, from_adamw=diag_from_adamw,
     state_formula="2·(m + n) + min(m,n)² (u, v, r, s, P); two_sided: + max(m,n)²", refresh_knobs=("svd_every",),
+    every_step_refresh={"svd_every": 1},
     roles=MATRIX_ROLES,
 )

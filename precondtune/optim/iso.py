@@ -379,6 +379,7 @@ SPEC = OptimizerSpec(
     search_space=search_space, from_adamw=from_adamw,
     state_formula="out·in (m) + 2·in² + 2·out² (covariances, inverse roots)",
     refresh_knobs=("precondition_frequency",), roles=frozenset({"matrix"}), make=_make(Iso), accepts=_is_linear,
+    every_step_refresh={"precondition_frequency": 1},
     notes="nn.Linear weights only (hooks); other matrices, head, embeddings, vectors and convs go to AdamW; hooks cost "
           "2·N·(in² + out²) FLOPs per layer inside backward",
 )
@@ -389,6 +390,7 @@ ADAM_SPEC = OptimizerSpec(
     search_space=adam_search_space, from_adamw=adam_from_adamw,
     state_formula="2·out·in (m, v) + 2·in² + 2·out² (covariances, inverse roots)",
     refresh_knobs=("precondition_frequency",), roles=frozenset({"matrix"}), make=_make(IsoAdam),
+    every_step_refresh={"precondition_frequency": 1},
     aliases=("isoadam",), accepts=_is_linear,
     notes="nn.Linear weights only (hooks); other matrices, head, embeddings, vectors and convs go to AdamW; hooks cost "
           "2·N·(in² + out²) FLOPs per layer inside backward",

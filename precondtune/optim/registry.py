@@ -111,6 +111,11 @@ class OptimizerSpec:
     trial_params: Callable[[Any], dict[str, Any]] | None = None
     """Optional ``trial_params(config) -> {param: value}``: search-space params that do not share a Config field's
     name (Muon's ``ns_schedule``), so a warm start records the params that reproduce its config."""
+    every_step_refresh: Mapping[str, Any] = field(default_factory=dict)
+    """Hyperparameters under which every step is a refresh step that also preconditions (Shampoo: frequency 1,
+    preconditioning from step 1). The memory planner traces the step with them, because the two traced steps of
+    the user's config may all come before a refresh, or refresh only from a fresh state; a refresh's transients
+    do not depend on how often it runs, so this is the config's largest step."""
 
     def default_config(self) -> Any:
         return self.config_cls()

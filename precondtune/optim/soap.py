@@ -213,5 +213,6 @@ SPEC = OptimizerSpec(
     search_space=search_space, from_adamw=from_adamw,
     state_formula="2·n (M, V) + 2·Σ d_i² (L/R statistics, eigenbases)",
     refresh_knobs=("precondition_frequency", "max_precond_dim", "merge_dims"), roles=ALL_ROLES,
+    every_step_refresh={"precondition_frequency": 1},
     notes="1-D parameters run plain Adam; modes above max_precond_dim keep the identity basis",
 )
