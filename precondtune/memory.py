@@ -186,15 +186,36 @@ class MemoryPlanner:
             raise ConfigError("the model has no trainable parameters; nothing to optimize")
         self.m = _Model(module, path, total, trainable, infos, repeated_blocks(module), sample_batch, loss)
         s = self.settings
-        self.model_dtype = infos[0].dtype
-        self.param_dtype = parse_dtype(s.param_dtype) if s.param_dtype else self.model_dtype
-        master = s.master_weights and itemsize(self.param_dtype) < 4
-        self.master = master
-        self.step_dtype = torch.float32 if master else self.param_dtype
-        self.grad_dtype = parse_dtype(s.grad_dtype) if s.grad_dtype else self.param_dtype
+        # --param-dtype casts every floating parameter; without it each keeps its own dtype (a bf16 model may keep
+        # its norms in fp32). The dtypes shown are the cast, else the one holding most parameters.
+        self.cast = parse_dtype(s.param_dtype) if s.param_dtype else None
+        numel: dict[torch.dtype, int] = {}
+        for i in infos:
+            numel[i.dtype] = numel.get(i.dtype, 0) + i.numel
+        self.model_dtypes = numel
+        self.param_dtype = self.cast or max(numel, key=lambda d: numel[d])
+        self.master = master = bool(s.master_weights) and any(itemsize(self._p(i.dtype)) < 4 for i in infos)
+        self.step_cast = torch.float32 if master else self.cast
+        self.step_dtype = self.step_cast or self.param_dtype
+        self.grad_cast = parse_dtype(s.grad_dtype) if s.grad_dtype else None
+        self.grad_dtype = self.grad_cast or self.param_dtype
         self.state_dtype = parse_dtype(s.state_dtype) if s.state_dtype else (
             self.step_dtype if (s.param_dtype or master) else None)
+        self._grad_ratio = (sum(_nbytes(i.shape, self._g(i.dtype)) for i in infos)
+                            / sum(_nbytes(i.shape, self._p(i.dtype)) for i in infos))
         self._batch_bytes: dict[int, int] = {}
+
+    def _p(self, dtype: torch.dtype) -> torch.dtype:
+        """A floating parameter's dtype in the planned run."""
+        return self.cast if self.cast is not None and dtype.is_floating_point else dtype
+
+    def _g(self, dtype: torch.dtype) -> torch.dtype:
+        """The gradient dtype of a parameter of ``dtype``."""
+        return self.grad_cast or self._p(dtype)
+
+    def _updated(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the optimizer updates for a parameter of ``dtype`` (its fp32 master copy, if any)."""
+        return torch.float32 if self.master else self._p(dtype)
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def _param_bytes(self, dtype: torch.dtype | None, *, trainable_only: bool) -> int:
@@ -208,8 +229,7 @@ class MemoryPlanner:
         return total
 
     def _buffer_bytes(self) -> int:
-        return sum(_nbytes(b.shape, self.param_dtype if b.is_floating_point() else b.dtype)
-                   for b in self.m.module.buffers())
+        return sum(_nbytes(b.shape, self._p(b.dtype)) for b in self.m.module.buffers())
 
     def _batch(self, batch_size: int) -> Any:
         assert self.m.sample_batch is not None
@@ -237,7 +257,7 @@ class MemoryPlanner:
             autocast = parse_dtype(s.autocast) if s.autocast else None
 
             def run(k: int | None) -> Trace:
-                fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.param_dtype, keep_blocks=k,
+                fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.cast, keep_blocks=k,
                                checkpoint_blocks=s.checkpoint_blocks)
                 return trace_forward_backward(fm, batch, self.m.loss, autocast=autocast, grad_weight=weight)
 
@@ -253,9 +273,9 @@ class MemoryPlanner:
         return self.m.traces[key]
 
     def grad_share(self) -> float:
-        """Per-GPU gradient bytes per traced gradient byte: the gradient dtype's width over the parameters' (the
-        trace makes gradients in the parameter dtype), over the world size when gradients are sharded."""
-        share = itemsize(self.grad_dtype) / itemsize(self.param_dtype)
+        """Per-GPU gradient bytes per traced gradient byte: the gradients' bytes over the same gradients in their
+        parameters' dtypes (what the trace makes), over the world size when gradients are sharded."""
+        share = self._grad_ratio
         if self.settings.sharding in ("zero2", "fsdp"):
             share /= self.settings.world_size
         return share
@@ -280,7 +300,7 @@ class MemoryPlanner:
             autocast = parse_dtype(s.autocast) if s.autocast else None
 
             def run(k: int | None) -> Trace:
-                fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.step_dtype, keep_blocks=k,
+                fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.step_cast, keep_blocks=k,
                                checkpoint_blocks=s.checkpoint_blocks and hooked)
                 if hooked:
                     return trace_training(fm, batch, self.m.loss, build, autocast=autocast)
@@ -300,14 +320,17 @@ class MemoryPlanner:
         name = spec.name
         assignments = po.route(name, self.m.infos, routing, **hp)  # validates names and values early
         n_world = s.world_size
-        weights = self._param_bytes(self.param_dtype, trainable_only=False)
+        weights = self._param_bytes(self.cast, trainable_only=False)
         buffers = self._buffer_bytes()
-        master = 4 * sum(i.numel for i in self.m.infos) if self.master else 0
-        grads = sum(_nbytes(i.shape, self.grad_dtype) for i in self.m.infos)
+        master = 4 * sum(i.numel for i in self.m.infos if itemsize(self._p(i.dtype)) < 4) if self.master else 0
+        grads = sum(_nbytes(i.shape, self._g(i.dtype)) for i in self.m.infos)
         state = po.state_bytes(name, self.m.infos, routing=routing, state_dtype=self.state_dtype, **hp)
         traced_state_dtype_state = po.state_bytes(name, self.m.infos, routing=routing,
-                                                  state_dtype=self.step_dtype if self.state_dtype else None, **hp)
+                                                  state_dtype=self.step_cast if self.state_dtype else None, **hp)
         notes: list[str] = []
+        if self.cast is None and len(self.model_dtypes) > 1:
+            mix = ", ".join(f"{dtype_name(d)} ({n:,})" for d, n in sorted(self.model_dtypes.items(), key=lambda kv: -kv[1]))
+            notes.append(f"parameters in {mix}: each counted in its own dtype")
         if s.checkpoint_blocks and not self.m.blocks:
             notes.append("--checkpoint-blocks: the model has no repeated blocks (an nn.ModuleList of identical "
                          "children), so nothing was checkpointed")
@@ -325,10 +348,12 @@ class MemoryPlanner:
             persistent = sum(step_trace.after.get(k, 0)
                              for k in ("Parameter", "Buffer", "Gradient", "Optstate", "Other"))
             temporaries = max(0, step_peak - persistent)
-            if self.grad_dtype != self.step_dtype:  # gradients cast to the updated copy's dtype for the step
-                upcast = sum(_nbytes(i.shape, self.step_dtype) for i in self.m.infos)
+            cast = [i for i in self.m.infos if self._g(i.dtype) != self._updated(i.dtype)]
+            if cast:  # gradients cast to the updated copy's dtype for the step
+                upcast = sum(_nbytes(i.shape, self._updated(i.dtype)) for i in cast)
                 temporaries += upcast
-                notes.append(f"gradients cast to {dtype_name(self.step_dtype)} for the step (+{upcast} B)")
+                notes.append(f"gradients cast to {dtype_name(self._updated(cast[0].dtype))} for the step "
+                             f"(+{upcast} B)")
         if self.state_dtype is not None and state != traced_state_dtype_state:
             notes.append(f"state traced in {dtype_name(self.step_dtype)}, counted in {dtype_name(self.state_dtype)}")
 
@@ -343,7 +368,7 @@ class MemoryPlanner:
                 owned = [a.info for a in assignments if a.spec.name == name and len(a.info.shape) >= 2]
                 if owned:
                     big = max(owned, key=lambda i: i.numel)
-                    gathered = _nbytes(big.shape, self.grad_dtype)
+                    gathered = _nbytes(big.shape, self._g(big.dtype))
                     temporaries += gathered
                     notes.append(f"{name} updates whole matrices: the largest ({big.name}, {tuple(big.shape)}) is "
                                  f"gathered for its update (+{gathered} B in step_temporaries)")
@@ -364,11 +389,10 @@ class MemoryPlanner:
         fb_how = None
         if fb is not None:
             trace, fb_how = fb
-            gsz, psz = itemsize(self.grad_dtype), itemsize(self.param_dtype)
             for phase in ("forward", "backward"):
                 snap = trace.snaps.get(phase, {})
                 fixed = snap.get("Parameter", 0) + snap.get("Buffer", 0) + snap.get("Other", 0)
-                g_now = snap.get("Gradient", 0) * gsz // psz
+                g_now = int(snap.get("Gradient", 0) * self._grad_ratio)
                 if s.sharding in ("zero2", "fsdp"):
                     g_now = _shard(g_now, n_world)
                 act = trace.peaks[phase] - fixed - snap.get("Gradient", 0)
@@ -406,12 +430,12 @@ class MemoryPlanner:
 
     def _fsdp_gathered(self) -> tuple[int, int]:
         """(unsharded parameter bytes alive at once, unsharded gradient bytes of one unit) under FSDP."""
-        all_w = self._param_bytes(self.param_dtype, trainable_only=False)
+        all_w = self._param_bytes(self.cast, trainable_only=False)
         if self.m.blocks is None:
-            return all_w, sum(_nbytes(i.shape, self.grad_dtype) for i in self.m.infos)
+            return all_w, sum(_nbytes(i.shape, self._g(i.dtype)) for i in self.m.infos)
         block = self.m.blocks[1][0]
-        block_w = sum(_nbytes(p.shape, self.param_dtype) for p in block.parameters())
-        block_g = sum(_nbytes(p.shape, self.grad_dtype) for p in block.parameters() if p.requires_grad)
+        block_w = sum(_nbytes(p.shape, self._p(p.dtype)) for p in block.parameters())
+        block_g = sum(_nbytes(p.shape, self._g(p.dtype)) for p in block.parameters() if p.requires_grad)
         root_w = all_w - len(self.m.blocks[1]) * block_w
         return root_w + 2 * block_w, block_g
 

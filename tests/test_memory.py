@@ -296,6 +296,56 @@ def test_fsdp_peak_of_a_deep_model_whose_backward_peaks_early(tmp_path, name):
         assert real_step + batch_bytes <= est["phases"]["step"] <= 1.1 * (real_step + batch_bytes)
 
 
+MIXED = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class M(nn.Module):
+    """bf16, except a projection and a norm kept in fp32 (as mixed-precision code keeps routers and norms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32, dtype=torch.bfloat16)
+        self.fc = nn.Linear(32, 96)
+        self.norm = nn.LayerNorm(96)
+        self.out = nn.Linear(96, 50, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.fc(self.emb(x).float())))
+        return self.out(h.to(torch.bfloat16)).float()
+
+def build_model():
+    return M()
+
+def sample_batch(batch_size):
+    return torch.randint(0, 50, (batch_size, 8)), torch.randint(0, 50, (batch_size, 8))
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+'''
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "soap"])
+def test_a_model_mixing_parameter_dtypes_is_counted_in_each_dtype(tmp_path, name):
+    """Weights, gradients, state and the traced peak of a bf16 model with fp32 layers equal a real run to the
+    byte; before, every parameter was counted (and traced) in the first parameter's dtype."""
+    from precondtune.modelfile import load_model_file
+
+    (tmp_path / "mixed.py").write_text(MIXED)
+    mf = load_model_file(tmp_path / "mixed.py")
+    hp = {k: 2 if v == 1 else v for k, v in po.get_spec(name).every_step_refresh.items()}
+    est = precondtune.estimate_memory(mf.path, name, batch_size=BATCH, hyperparameters=hp)
+    model = mf.build()
+    assert est["bytes"]["weights"] == sum(p.nbytes for p in model.parameters())
+    assert est["bytes"]["gradients"] == sum(p.nbytes for p in model.parameters())
+    assert est["bytes"]["total_peak"] == _real_peak(mf, name, hp, iterations=5)
+    assert any("bf16 (" in n and "fp32 (" in n for n in est["notes"])
+    master = precondtune.estimate_memory(mf.path, name, batch_size=BATCH, master_weights=True)["bytes"]
+    assert master["master_weights"] == 4 * sum(p.numel() for p in model.parameters() if p.dtype == torch.bfloat16)
+
+
 FROZEN = '''
 import torch
 import torch.nn.functional as F
