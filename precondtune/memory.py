@@ -424,6 +424,9 @@ class MemoryPlanner:
         }
         if fb is None:
             notes.append("activations not traced: no sample_batch to make a batch (pass sample_batch=...)")
+        elif fb[0].bounded or (traced is not None and traced[0].bounded):
+            notes.append("a boolean mask's selection (e.g. logits[labels != -100]) was counted at its largest, every "
+                         "element selected: an upper bound, reached by a batch without padding")
         if s.max_batch_size:
             entry["max_batch_size"] = self._max_batch(entry, capacity)
         return entry

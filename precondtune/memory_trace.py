@@ -48,6 +48,7 @@ MIN_BLOCKS_TO_EXTRAPOLATE = 8
 """Below this many repeated blocks the full model is traced (three truncated traces would cost about as much)."""
 
 PHASES = ("forward", "backward", "step")
+_aten = torch.ops.aten
 _GRAD = _MemRefType.GRAD
 
 
@@ -135,20 +136,46 @@ class PhaseMemTracker(MemTracker):
             self.phase = None
 
 
-class ScalarStub(TorchDispatchMode):
-    """Answers data-dependent scalar reads (``.item()``, ``float(t)``, ``bool(t)``) on fake tensors with 1.
+class DataStub(TorchDispatchMode):
+    """Answers what a fake tensor cannot: data-dependent scalar reads and data-dependent shapes.
 
-    Optimizers read scalars for clipping factors and finiteness checks; a fake tensor has no value, and the
-    memory of the step does not depend on it. Values only steer such branches, never shapes.
+    * Scalar reads (``.item()``, ``float(t)``, ``bool(t)``) get 1. Optimizers read scalars for clipping factors
+      and finiteness checks; values only steer such branches, never shapes.
+    * A boolean mask's selection (``logits[labels != -100]``, ``masked_select``, ``nonzero``, one-argument
+      ``where``) gets its largest shape: every element selected, as in a batch without padding, so the traced
+      memory is an upper bound. ``bounded`` records that this happened (the estimate says so).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.bounded = False
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default:
+        kwargs = kwargs or {}
+        if func is _aten._local_scalar_dense.default:
             t = args[0]
             if t.dtype == torch.bool:
                 return True
             return 1.0 if t.is_floating_point() or t.is_complex() else 1
-        return func(*args, **(kwargs or {}))
+        if func is _aten.nonzero.default:
+            self.bounded = True
+            t = args[0]
+            return torch.empty((t.numel(), t.dim()), dtype=torch.long, device=t.device)
+        if func is _aten.masked_select.default:
+            self.bounded = True
+            x, mask = args
+            n = torch.Size(torch.broadcast_shapes(x.shape, mask.shape)).numel()
+            return torch.empty((n,), dtype=x.dtype, device=x.device)
+        if func is _aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.bounded = True
+            indices: list[Any] = []
+            for i in args[1]:  # a k-dim mask stands for k index tensors of its number of elements
+                if i is not None and i.dtype == torch.bool:
+                    indices.extend(torch.empty((i.numel(),), dtype=torch.long, device=i.device) for _ in range(i.dim()))
+                else:
+                    indices.append(i)
+            return func(args[0], indices)
+        return func(*args, **kwargs)
 
 
 def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -252,6 +279,8 @@ class Trace:
     snaps: dict[str, dict[str, int]] = field(default_factory=dict)
     after: dict[str, int] = field(default_factory=dict)
     """Bytes per category when the trace ended (e.g. the optimizer state after the step)."""
+    bounded: bool = False
+    """A boolean mask's selection was traced at its largest (:class:`DataStub`): the peaks are upper bounds."""
 
 
 def _forward_backward(mt: PhaseMemTracker, model: nn.Module, batch: Any,
@@ -269,19 +298,21 @@ def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module,
                            autocast: torch.dtype | None = None, grad_weight: float = 0.0) -> Trace:
     """Peak bytes of one forward and one backward of the fake model (weights, buffers and the batch included);
     ``grad_weight`` as in :class:`PhaseMemTracker`."""
-    with fm.mode, ScalarStub():
+    stub = DataStub()
+    with fm.mode, stub:
         fb = fake_batch(batch, fm.mode)
         mt = PhaseMemTracker(grad_weight)
         mt.track_external(fm.model, *_tensors(fb))
         with mt:
             _forward_backward(mt, fm.model, fb, loss, autocast)
         after = mt.categories()
-    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded)
 
 
 def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer], *, extra: Any = None) -> Trace:
     """Peak bytes of two optimizer steps on fake gradients (state is created lazily in the first)."""
-    with fm.mode, ScalarStub():
+    stub = DataStub()
+    with fm.mode, stub:
         for p in fm.model.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros(p.shape, dtype=p.dtype, device="cpu")
@@ -293,7 +324,7 @@ def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer
                 with mt.in_phase("step"):
                     opt.step()
         after = mt.categories()
-    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded)
 
 
 def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], torch.Tensor],
@@ -301,7 +332,8 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
     """Two whole training iterations (forward, backward, step, ``zero_grad``); the MemTracker's stats are reset
     after the first, except the step's peak, kept over both (the first step creates the state and runs the
     refreshes). For optimizers that hook the model's forward/backward (e.g. Iso's covariance capture)."""
-    with fm.mode, ScalarStub():
+    stub = DataStub()
+    with fm.mode, stub:
         fb = fake_batch(batch, fm.mode)
         opt = build(fm.model)
         mt = PhaseMemTracker()
@@ -318,7 +350,7 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
                     opt.step()
                 after = mt.categories()
                 opt.zero_grad(set_to_none=True)
-    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after)
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded)
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -349,6 +381,7 @@ def extrapolate(run: Callable[[int | None], Trace], blocks: int | None, *, check
         out.peaks[phase] = a + (blocks - 1) * (b - a)
     out.snaps = {ph: _line(t1.snaps[ph], t2.snaps[ph], blocks) for ph in t1.snaps}
     out.after = _line(t1.after, t2.after, blocks)
+    out.bounded = any(t.bounded for t in traces)
     return out, f"extrapolated from {', '.join(map(str, ks))} of {blocks} repeated blocks"
 
 

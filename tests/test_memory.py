@@ -296,6 +296,53 @@ def test_fsdp_peak_of_a_deep_model_whose_backward_peaks_early(tmp_path, name):
         assert real_step + batch_bytes <= est["phases"]["step"] <= 1.1 * (real_step + batch_bytes)
 
 
+MASKED = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 50))
+
+def sample_batch(batch_size):
+    x, y = torch.randint(0, 50, (batch_size, 8)), torch.randint(0, 50, (batch_size, 8))
+    y[:, -2:] = -100  # padding
+    return x, y
+
+def loss_fn(model, batch):
+    x, y = batch
+    keep = y != -100
+    return F.cross_entropy(model(x)[keep], y[keep])
+'''
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_loss_selecting_by_a_boolean_mask_is_traced_at_its_largest(tmp_path, name):
+    """``logits[labels != -100]`` has a data-dependent shape that fake tensors cannot know; it is traced with every
+    element selected, which equals to the byte a real run on a batch without padding (it used to be a model error)."""
+    from typer.testing import CliRunner
+
+    from precondtune.cli import app
+    from precondtune.modelfile import load_model_file
+
+    (tmp_path / "masked.py").write_text(MASKED)
+    mf = load_model_file(tmp_path / "masked.py")
+    est = precondtune.estimate_memory(mf.path, name, batch_size=BATCH)
+
+    unpadded = mf.sample_batch
+
+    def without_padding(batch_size):
+        x, _ = unpadded(batch_size)
+        return x, torch.randint(0, 50, x.shape)
+
+    mf.sample_batch = without_padding
+    assert est["bytes"]["total_peak"] == _real_peak(mf, name)
+    assert any("boolean mask" in n and "logits[labels != -100]" in n for n in est["notes"])
+    r = CliRunner().invoke(app, ["memory", str(tmp_path / "masked.py"), "-o", name])
+    assert r.exit_code == 0, r.output
+    assert "logits[labels != -100]" in r.stdout  # notes are printed as text, not as rich markup
+
+
 MIXED = '''
 import torch
 import torch.nn.functional as F

@@ -94,4 +94,4 @@ def _render(doc: dict) -> None:
                        columns, rows, caption=caption))
     notes = sorted({n for o in doc["optimizers"] for n in o["notes"]})
     for n in notes:
-        stdout.print(f"note: {n}", highlight=False, soft_wrap=True)
+        stdout.print(f"note: {n}", highlight=False, soft_wrap=True, markup=False)
