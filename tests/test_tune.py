@@ -259,6 +259,24 @@ def test_completed_snapshot_prunes_exactly_like_the_median_pruner(tiny_model, mo
     assert snap == plain
 
 
+def test_constant_liar_only_where_trials_run_side_by_side(tiny_model, monkeypatch, tmp_path):
+    import precondtune.search as search
+
+    def shared(url, workers=1):
+        return search.is_shared(search.open_storage(url, workers=workers), workers)
+
+    assert not shared(f"sqlite:///{tmp_path}/a.db") and not shared("memory")
+    assert shared(f"sqlite:///{tmp_path}/a.db", workers=2) and shared(f"journal:///{tmp_path}/a.log")
+    # one process: the liar has no other running trial to count, so TPE proposes exactly the same configs
+    settings = SearchSettings(optimizer="adamw", trials=8, steps=20, batch_size=16, storage="memory", pruner="none")
+    mf = load_model_file(tiny_model)
+    alone = run_search(mf, settings).frame
+    monkeypatch.setattr(search, "is_shared", lambda ref, workers: True)
+    liar = run_search(mf, settings).frame
+    assert len(alone) == 8
+    assert alone["lr"].tolist() == liar["lr"].tolist() and alone["value"].tolist() == liar["value"].tolist()
+
+
 def test_completed_snapshot_reads_the_storage_only_when_it_is_stale(monkeypatch):
     import precondtune.search as search
     from precondtune.search import CompletedSnapshot
