@@ -286,9 +286,12 @@ class MemoryPlanner:
         hence a batch (None without one). Traced with the optimizer's ``every_step_refresh`` hyperparameters, so
         both traced steps refresh and precondition from a state that exists: the largest step of the config."""
         hyperparameters = {**hyperparameters, **po.get_spec(name).every_step_refresh}
-        # a hooked optimizer's trace is a whole training iteration: it depends on the batch size too
+        routing = _refreshing(routing, name)
+        # a hooked optimizer's trace is whole training iterations: it depends on the batch size and, like the
+        # forward/backward trace, on where the per-GPU backward peaks (grad_share)
+        weight = self.grad_share() - 1.0 if hooked else 0.0
         key = ("step", name, repr(sorted(hyperparameters.items())), repr(routing),
-               self.settings.batch_size if hooked else None)
+               self.settings.batch_size if hooked else None, weight)
         if hooked and self.m.sample_batch is None:
             return None
         if key not in self.m.traces:
@@ -303,7 +306,7 @@ class MemoryPlanner:
                 fm = fake_copy(self.m.module, _fake_mode(), param_dtype=self.step_cast, keep_blocks=k,
                                checkpoint_blocks=s.checkpoint_blocks and hooked)
                 if hooked:
-                    return trace_training(fm, batch, self.m.loss, build, autocast=autocast)
+                    return trace_training(fm, batch, self.m.loss, build, autocast=autocast, grad_weight=weight)
                 return trace_step(fm, build)  # torch requires .grad in the parameter's dtype
 
             with quiet_fake_tensor_log():
@@ -337,8 +340,10 @@ class MemoryPlanner:
 
         hooked = any(a.spec.make is not None for a in assignments)
         traced = self.step(name, hp, routing, hooked)
-        if spec.every_step_refresh and traced is not None:
-            knobs = ", ".join(f"{k}={v}" for k, v in spec.every_step_refresh.items())
+        refreshing = sorted({a.spec.name for a in assignments if a.spec.every_step_refresh})
+        if refreshing and traced is not None:
+            knobs = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in po.get_spec(n).every_step_refresh.items())
+                              for n in refreshing)
             notes.append(f"step traced as a refresh step ({knobs}): the largest step, whatever the refresh period")
         if traced is None:
             step_trace, step_how, temporaries = Trace(), "not traced (needs a batch: the optimizer hooks the model)", 0
@@ -364,15 +369,16 @@ class MemoryPlanner:
         st_gpu = _shard(state, n_world) if s.sharding != "none" else state
         gather_fwd = gather_bwd = 0
         if s.sharding != "none" and n_world > 1:
-            if not spec.elementwise:  # its update needs the whole matrix: the largest one it owns is gathered
-                owned = [a.info for a in assignments if a.spec.name == name and len(a.info.shape) >= 2]
-                if owned:
-                    big = max(owned, key=lambda i: i.numel)
-                    gathered = _nbytes(big.shape, self._g(big.dtype))
-                    temporaries += gathered
-                    notes.append(f"{name} updates whole matrices: the largest ({big.name}, {tuple(big.shape)}) is "
-                                 f"gathered for its update (+{gathered} B in step_temporaries)")
-            else:  # each rank updates its shard only: the temporaries of a multi-tensor sweep shrink with it
+            # a matrix optimizer's update needs the whole matrix: the largest matrix any of them owns is gathered
+            owned = [a for a in assignments if not a.spec.elementwise and len(a.info.shape) >= 2]
+            if owned:
+                big = max(owned, key=lambda a: a.info.numel)
+                gathered = _nbytes(big.info.shape, self._g(big.info.dtype))
+                temporaries += gathered
+                notes.append(f"{big.spec.name} updates whole matrices: the largest ({big.info.name}, "
+                             f"{tuple(big.info.shape)}) is gathered for its update (+{gathered} B in step_temporaries)")
+            if all(a.spec.elementwise for a in assignments):
+                # each rank updates its shard only: the temporaries of a multi-tensor sweep shrink with it
                 temporaries = _shard(temporaries, n_world)
                 notes.append(f"{name} is elementwise: each GPU updates its shard, step_temporaries divided by "
                              f"{n_world}")
@@ -424,9 +430,15 @@ class MemoryPlanner:
         }
         if fb is None:
             notes.append("activations not traced: no sample_batch to make a batch (pass sample_batch=...)")
-        elif fb[0].bounded or (traced is not None and traced[0].bounded):
-            notes.append("a boolean mask's selection (e.g. logits[labels != -100]) was counted at its largest, every "
-                         "element selected: an upper bound, reached by a batch without padding")
+        else:
+            if fb[0].bounded or (traced is not None and traced[0].bounded):
+                notes.append("a boolean mask's selection (e.g. logits[labels != -100]) was counted at its largest, "
+                             "every element selected: an upper bound, reached by a padding mask on a batch without "
+                             "padding, far above any real batch for a routing mask (x[route == e])")
+            if fb[0].scalar_reads:
+                notes.append(f"the forward/backward read {fb[0].scalar_reads} tensor value(s) (.item(), int(t), "
+                             "if t:), taken as 1 or True on fake tensors; a shape computed from one is traced at "
+                             "that value")
         if s.max_batch_size:
             entry["max_batch_size"] = self._max_batch(entry, capacity)
         return entry
@@ -502,6 +514,18 @@ def plan_memory(model: nn.Module | str | Path | ModelFile, optimizers: str | Ite
     if progress:
         progress("tracing optimizer steps", len(names), len(names))
     return {"model": planner.model_doc(), "settings": planner.settings_doc(), "optimizers": entries}
+
+
+def _refreshing(routing: Any, main: str) -> list[po.Rule] | None:
+    """``routing`` with each rule's optimizer (the main one when a rule names none) also traced with its
+    ``every_step_refresh`` hyperparameters, over the rule's own."""
+    if not routing:
+        return routing
+    rules = []
+    for r in po.as_rules(routing):
+        every = po.get_spec(r.optimizer or main).every_step_refresh
+        rules.append(replace(r, hyperparameters={**r.hyperparameters, **every}) if every else r)
+    return rules
 
 
 def estimate_memory(model: nn.Module | str | Path, optimizer: str, *,

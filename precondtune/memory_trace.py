@@ -149,10 +149,12 @@ class DataStub(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.bounded = False
+        self.scalar_reads = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is _aten._local_scalar_dense.default:
+            self.scalar_reads += 1
             t = args[0]
             if t.dtype == torch.bool:
                 return True
@@ -281,6 +283,8 @@ class Trace:
     """Bytes per category when the trace ended (e.g. the optimizer state after the step)."""
     bounded: bool = False
     """A boolean mask's selection was traced at its largest (:class:`DataStub`): the peaks are upper bounds."""
+    scalar_reads: int = 0
+    """Tensor values read (``.item()``, ``int(t)``, ``if t:``) and answered with 1 or True (:class:`DataStub`)."""
 
 
 def _forward_backward(mt: PhaseMemTracker, model: nn.Module, batch: Any,
@@ -306,7 +310,7 @@ def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module,
         with mt:
             _forward_backward(mt, fm.model, fb, loss, autocast)
         after = mt.categories()
-    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded)
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded, stub.scalar_reads)
 
 
 def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer], *, extra: Any = None) -> Trace:
@@ -328,15 +332,17 @@ def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer
 
 
 def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], torch.Tensor],
-                   build: Callable[[nn.Module], torch.optim.Optimizer], *, autocast: torch.dtype | None = None) -> Trace:
+                   build: Callable[[nn.Module], torch.optim.Optimizer], *, autocast: torch.dtype | None = None,
+                   grad_weight: float = 0.0) -> Trace:
     """Two whole training iterations (forward, backward, step, ``zero_grad``); the MemTracker's stats are reset
     after the first, except the step's peak, kept over both (the first step creates the state and runs the
-    refreshes). For optimizers that hook the model's forward/backward (e.g. Iso's covariance capture)."""
+    refreshes). For optimizers that hook the model's forward/backward (e.g. Iso's covariance capture).
+    ``grad_weight`` as in :class:`PhaseMemTracker` (the same as the forward/backward trace it is compared with)."""
     stub = DataStub()
     with fm.mode, stub:
         fb = fake_batch(batch, fm.mode)
         opt = build(fm.model)
-        mt = PhaseMemTracker()
+        mt = PhaseMemTracker(grad_weight)
         mt.track_external(fm.model, opt, *_tensors(fb))
         after: dict[str, int] = {}
         with mt:
@@ -382,6 +388,7 @@ def extrapolate(run: Callable[[int | None], Trace], blocks: int | None, *, check
     out.snaps = {ph: _line(t1.snaps[ph], t2.snaps[ph], blocks) for ph in t1.snaps}
     out.after = _line(t1.after, t2.after, blocks)
     out.bounded = any(t.bounded for t in traces)
+    out.scalar_reads = max(t.scalar_reads for t in traces)
     return out, f"extrapolated from {', '.join(map(str, ks))} of {blocks} repeated blocks"
 
 

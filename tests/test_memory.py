@@ -116,6 +116,48 @@ def test_a_hooked_optimizer_is_traced_refreshing_every_step(plans, name):
     assert est["bytes"] == _entry(plans["chargpt"], name)["bytes"]
 
 
+def test_routing_rules_are_traced_refreshing_and_sharded_by_their_own_optimizer(plans):
+    """A rule sending parameters to a refreshing optimizer (or overriding its period) is traced refreshing too;
+    under sharding, a matrix optimizer reached through a rule keeps its temporaries whole and gathers its largest
+    matrix, even when the main optimizer is elementwise."""
+    cnn, chargpt = load_example("cnn"), load_example("chargpt")
+    every = "matrix|conv|head|vector|embedding|batched"
+    soap = _entry(plans["cnn"], "soap")["bytes"]
+    for routing in ([{"match": every, "optimizer": "soap"}], [{"match": every, "optimizer": "soap",
+                                                              "hyperparameters": {"precondition_frequency": 10}}]):
+        routed = precondtune.estimate_memory(cnn.path, "adamw", batch_size=BATCH, routing=routing)["bytes"]
+        assert routed["step_temporaries"] == soap["step_temporaries"]
+    sharded = {"world_size": 8, "sharding": "zero1", "batch_size": BATCH}
+    muon = precondtune.estimate_memory(chargpt.path, "muon", **sharded)
+    routed = precondtune.estimate_memory(chargpt.path, "adamw", routing=[{"match": "matrix", "optimizer": "muon"}],
+                                         **sharded)
+    assert routed["bytes"]["step_temporaries"] == muon["bytes"]["step_temporaries"]
+    assert any("muon updates whole matrices" in n for n in routed["notes"])
+
+
+def test_a_hooked_optimizer_is_traced_at_the_per_gpu_backward_instant(monkeypatch):
+    """What Iso's hooks keep alive is the backward peak of its whole-iteration trace less the forward/backward
+    trace's; both traces must weigh gradients by their per-GPU share. The hooked one used to take its unsharded
+    peak (every gradient alive), so under sharding the difference grew: 7.96 MB unsharded, 12.03 MB at ZeRO-2
+    world size 4 on a 16-block chargpt (4.59 MB when both are weighted alike)."""
+    import precondtune.memory as memory
+
+    weights = []
+    real = memory.trace_training
+
+    def spy(*args, grad_weight=0.0, **kwargs):
+        weights.append(grad_weight)
+        return real(*args, grad_weight=grad_weight, **kwargs)
+
+    monkeypatch.setattr(memory, "trace_training", spy)
+    mf = load_example("chargpt")
+    for world in (1, 4):
+        planner = memory.MemoryPlanner(mf, MemorySettings(batch_size=BATCH, world_size=world, sharding="zero2"))
+        planner.estimate("iso")
+        assert weights and set(weights) == {planner.grad_share() - 1.0}, (world, weights)
+        weights.clear()
+
+
 def test_peak_is_max_over_phases_not_sum(plans):
     e = _entry(plans["chargpt"], "adamw")
     b = e["bytes"]
@@ -341,6 +383,25 @@ def test_a_loss_selecting_by_a_boolean_mask_is_traced_at_its_largest(tmp_path, n
     r = CliRunner().invoke(app, ["memory", str(tmp_path / "masked.py"), "-o", name])
     assert r.exit_code == 0, r.output
     assert "logits[labels != -100]" in r.stdout  # notes are printed as text, not as rich markup
+
+
+def test_a_shape_read_from_a_tensor_value_is_flagged():
+    """``h[:int(n)]`` takes its length from data; on fake tensors the value reads as 1, so the note says so."""
+    class Truncating(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h[: int((h > 0).sum())]
+
+    model = Truncating()
+    est = precondtune.estimate_memory(model, "adamw", sample_batch=lambda b: torch.randn(b, 16),
+                                      loss_fn=lambda m, x: m(x).sum(), batch_size=BATCH)
+    assert any("read 1 tensor value" in n for n in est["notes"])
+    plain = precondtune.estimate_memory(load_example("mlp").path, "adamw", batch_size=BATCH)
+    assert not any("tensor value" in n for n in plain["notes"])
 
 
 MIXED = '''
