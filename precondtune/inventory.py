@@ -85,6 +85,8 @@ def inventory(model: nn.Module, *, include_frozen: bool = False) -> list[ParamIn
     (SPEC.md: the output projection is a head whether or not it is tied). Works on meta-device models.
     """
     heads = _head_modules(model)
+    # nn.MultiheadAttention reads its out_proj's weight directly and never calls that Linear's forward
+    unhooked = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     seen: dict[int, int] = {}
     out: list[dict[str, Any]] = []
     for mpath, module in model.named_modules(remove_duplicate=False):
@@ -96,8 +98,8 @@ def inventory(model: nn.Module, *, include_frozen: bool = False) -> list[ParamIn
             extra: dict[str, Any] = {}
             if isinstance(module, nn.MultiheadAttention) and pname == "in_proj_weight":
                 extra = {"heads": module.num_heads, "attention": "in_proj"}
-            if isinstance(module, nn.Linear) and pname == "weight":
-                extra = {"linear": True}  # an nn.Linear weight (optimizers that hook Linear layers need one)
+            if isinstance(module, nn.Linear) and pname == "weight" and id(module) not in unhooked:
+                extra = {"linear": True}  # a called nn.Linear's weight (optimizers that hook Linear layers need one)
             if id(p) in seen:
                 entry = out[seen[id(p)]]
                 if full not in entry["tied_names"] and full != entry["name"]:

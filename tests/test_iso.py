@@ -259,3 +259,36 @@ def test_cov_beta_follows_the_loaded_param_groups():
     state = part.state[model[1].weight]
     assert state["captured"]
     torch.testing.assert_close(state["cov_in"], (1 - 0.9) * (x1.mT @ x1).detach())  # 0.5 with the stale groups
+
+
+class _WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+
+@pytest.mark.parametrize("name", ["iso", "iso-adam"])
+def test_attention_out_proj_goes_to_adamw_because_its_forward_is_never_called(name):
+    """nn.MultiheadAttention uses its out_proj weight without calling the Linear, so no hook can capture it; Iso
+    used to claim it and fail at the first step (stopping `plan` and `memory -o all` on any model with attention)."""
+    import precondtune
+
+    torch.manual_seed(0)
+    model = _WithAttention()
+    opt = po.build(name, model)
+    x, y = torch.randn(4, 6, 8), torch.randint(4, (4,))
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    routed = {a.info.name: a.spec.name for a in po.route(name, precondtune.inventory.inventory(model))}
+    assert routed["attn.out_proj.weight"] == "adamw" and routed["inp.weight"] == name
+    est = precondtune.estimate_memory(model, name, sample_batch=lambda b: torch.randn(b, 6, 8),
+                                      loss_fn=lambda m, x: m(x).sum(), batch_size=4)
+    assert est["bytes"]["total_peak"] > 0
