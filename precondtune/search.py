@@ -303,7 +303,11 @@ def fallback_routing(spec: OptimizerSpec, adamw: AdamWReference | None) -> list[
 def _base(spec: OptimizerSpec, adamw: AdamWReference | None) -> Any:
     if adamw is None:
         return None
-    return spec.from_adamw(lr=adamw.lr, betas=adamw.betas, eps=adamw.eps, weight_decay=adamw.weight_decay).config
+    try:
+        return spec.from_adamw(lr=adamw.lr, betas=adamw.betas, eps=adamw.eps, weight_decay=adamw.weight_decay).config
+    except ValueError as e:
+        raise ConfigError(f"--adam-lr/--adam-betas: these AdamW values give no valid {spec.name} config to start "
+                          f"from ({e}); change them") from e
 
 
 def discover_knobs(spec: OptimizerSpec, base: Any = None) -> dict[str, BaseDistribution]:

@@ -225,7 +225,11 @@ def transfer(infos: Sequence[ParamInfo], to: str | Iterable[str] = "all", *, lr:
     out = []
     for name in names:
         spec = optim.get_spec(name)
-        t = spec.from_adamw(lr=tuned.lr, betas=tuned.betas, eps=tuned.eps, weight_decay=tuned.weight_decay)
+        try:
+            t = spec.from_adamw(lr=tuned.lr, betas=tuned.betas, eps=tuned.eps, weight_decay=tuned.weight_decay)
+        except (ValueError, ConfigError) as e:
+            raise ConfigError(f"--to {spec.name}: these AdamW values give no valid {spec.name} config ({e}); change "
+                              f"them or leave {spec.name} out of --to") from e
         hp = _plain_hp(t.config)
         routing = fallback_rules(spec, adam_hp) if spec.name != "adamw" else []
         rule, shapes = t.rule, ()

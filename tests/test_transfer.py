@@ -237,6 +237,7 @@ def test_cli_single_json_format(tmp_path):
     ["--lr", "1e-3", "--from", "sgd"], ["--lr", "1e-3", "--to", "soap", "--convention", "keller"],
     ["--lr", "1e-3", "--to", "all", "--out", "{tmp}/configs.yaml"],
     ["--lr", "1e-3", "--weight-decay", "-0.1"],
+    ["--lr", "1e-3", "--eps", "0", "--to", "shampoo"], ["--lr", "1e-3", "--betas", "0.9,0", "--to", "all"],
 ])
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

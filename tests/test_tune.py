@@ -197,6 +197,7 @@ def _tune(*args):
     (["--sampler", "nope"], "valid:"),
     (["--workers", "2", "--storage", "memory"], "in memory"),
     (["--optimizer", "nosuch"], "valid:"),
+    (["--optimizer", "shampoo", "--adam-lr", "1e-3", "--adam-betas", "0.9,0"], "no valid shampoo config"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
