@@ -143,6 +143,8 @@ def validate(doc: Any, *, where: str = "config") -> RecommendedConfig:
         rule: dict[str, Any] = {"match": _check_regex(g["match"], f"{at}.match")}
         if g.get("name") is not None:
             rule["name"] = _check_regex(g["name"], f"{at}.name")
+        if g.get("optimizer") is not None and not isinstance(g["optimizer"], str):
+            raise ConfigError(f"{at}.optimizer must name an optimizer; got {g['optimizer']!r}")
         try:
             spec = optim.get_spec(g["optimizer"]) if g.get("optimizer") else main
         except ConfigError as e:

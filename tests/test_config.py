@@ -81,6 +81,13 @@ def test_exponent_numbers_written_by_hand_are_floats(tmp_path):
     ({"param_groups": [{"optimizer": "adamw"}]}, "match"),
     ({"param_groups": [{"match": "vector(", "optimizer": "adamw"}]}, "param_groups[0].match"),
     ({"param_groups": [{"match": "matrix", "hyperparameters": {"lr": -0.5}}]}, "lr"),
+    ({"hyperparameters": {"lr": float("inf")}}, "lr=inf must be finite"),
+    ({"hyperparameters": {"lr": "fast"}}, "lr='fast' must be a number"),
+    ({"hyperparameters": {"ns_steps": True}}, "ns_steps=True must be an integer"),
+    ({"hyperparameters": {"nesterov": 1}}, "nesterov=1 must be true or false"),
+    ({"param_groups": [{"match": "vector", "optimizer": "adamw", "hyperparameters": {"betas": 0.9}}]},
+     "betas=0.9 must be a list"),
+    ({"param_groups": [{"match": "vector", "optimizer": 3}]}, "param_groups[0].optimizer must name"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(tmp_path, change, key):
     doc = {**DOC, **change}

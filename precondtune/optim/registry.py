@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
+import numbers
 import pkgutil
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -139,10 +141,37 @@ def make_config(config_cls: type, hyperparameters: Mapping[str, Any], *, where: 
     if unknown:
         raise ConfigError(f"{where}: unknown hyperparameter {unknown[0]!r}; valid: {', '.join(valid)}")
     hp = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyperparameters.items()}
+    for key, value in hp.items():
+        problem = _type_problem(config_cls, key, value)
+        if problem:
+            raise ConfigError(f"{where}: {key}={value!r} {problem}")
     try:
         return config_cls(**hp)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
+    """What is wrong with ``value``'s type for the field ``key``, judged by the field's default and whether its
+    annotation admits None; None when nothing is (range checks are the Config's own)."""
+    f = next(f for f in dataclasses.fields(config_cls) if f.name == key)
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if value is None:
+        return None if default is None or "None" in str(f.type) else "must be set (it cannot be null)"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "must be an integer"
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return "must be a number"
+        return None if math.isfinite(value) or not math.isfinite(default) else "must be finite"
+    if isinstance(default, tuple):
+        return None if isinstance(value, tuple) else "must be a list"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    return None
 
 
 def config_dict(config: Any) -> dict[str, Any]:
