@@ -329,11 +329,13 @@ def measure_step_times(mf: ModelFile, name: str, *, batch: Any, device: torch.de
     (:func:`precondtune.training.find_hook`: Sophia's Hessian estimate, also when Sophia is a routed part), step.
 
     N = ``steps``, raised to cover two refresh periods (one when ``every`` > 32) so the refresh step's own time
-    is measured; periods over :data:`MAX_REFRESH_WINDOW` are not covered.
+    is measured; periods over :data:`MAX_REFRESH_WINDOW` are not covered. Timed in the optimizer's steady state
+    (``OptimizerSpec.steady_state``: Shampoo preconditions from the first step).
     """
     torch.manual_seed(seed)
     model = mf.build().to(device)
-    opt = po.build(name, model, routing=routing, **dict(hyperparameters or {}))
+    hp, routing = po.with_spec_overrides(name, dict(hyperparameters or {}), routing, "steady_state")
+    opt = po.build(name, model, routing=routing, **hp)
     batch = move_to(batch, device)
     n = steps
     if 1 < every <= MAX_REFRESH_WINDOW:

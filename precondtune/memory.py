@@ -285,8 +285,7 @@ class MemoryPlanner:
         """The traced optimizer step; ``hooked`` optimizers (they hook the model) need whole training iterations,
         hence a batch (None without one). Traced with the optimizer's ``every_step_refresh`` hyperparameters, so
         both traced steps refresh and precondition from a state that exists: the largest step of the config."""
-        hyperparameters = {**hyperparameters, **po.get_spec(name).every_step_refresh}
-        routing = _refreshing(routing, name)
+        hyperparameters, routing = po.with_spec_overrides(name, hyperparameters, routing, "every_step_refresh")
         # a hooked optimizer's trace is whole training iterations: it depends on the batch size and, like the
         # forward/backward trace, on where the per-GPU backward peaks (grad_share)
         weight = self.grad_share() - 1.0 if hooked else 0.0
@@ -514,18 +513,6 @@ def plan_memory(model: nn.Module | str | Path | ModelFile, optimizers: str | Ite
     if progress:
         progress("tracing optimizer steps", len(names), len(names))
     return {"model": planner.model_doc(), "settings": planner.settings_doc(), "optimizers": entries}
-
-
-def _refreshing(routing: Any, main: str) -> list[po.Rule] | None:
-    """``routing`` with each rule's optimizer (the main one when a rule names none) also traced with its
-    ``every_step_refresh`` hyperparameters, over the rule's own."""
-    if not routing:
-        return routing
-    rules = []
-    for r in po.as_rules(routing):
-        every = po.get_spec(r.optimizer or main).every_step_refresh
-        rules.append(replace(r, hyperparameters={**r.hyperparameters, **every}) if every else r)
-    return rules
 
 
 def estimate_memory(model: nn.Module | str | Path, optimizer: str, *,

@@ -8,7 +8,7 @@ name); a matrix-only optimizer sends the roles it does not handle to AdamW unles
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -58,7 +58,24 @@ __all__ = [
     "route",
     "specs",
     "state_bytes",
+    "with_spec_overrides",
 ]
+
+
+def with_spec_overrides(name: str, hyperparameters: Mapping[str, Any], routing: Any,
+                        field: str) -> tuple[dict[str, Any], list[Rule] | None]:
+    """``hyperparameters`` and ``routing`` with each optimizer's ``OptimizerSpec.<field>`` mapping laid over its
+    own values: the main optimizer's over ``hyperparameters``, each rule's optimizer's (the main one for a rule
+    naming none) over the rule's. Used to trace a refresh step (``every_step_refresh``) and to time the steady
+    state (``steady_state``) whatever the user's config says."""
+    hp = {**hyperparameters, **getattr(get_spec(name), field)}
+    if not routing:
+        return hp, routing
+    rules = []
+    for r in as_rules(routing):
+        over = getattr(get_spec(r.optimizer or name), field)
+        rules.append(replace(r, hyperparameters={**r.hyperparameters, **over}) if over else r)
+    return hp, rules
 
 
 def default_routing(spec: OptimizerSpec) -> list[Rule]:

@@ -113,6 +113,10 @@ class OptimizerSpec:
     trial_params: Callable[[Any], dict[str, Any]] | None = None
     """Optional ``trial_params(config) -> {param: value}``: search-space params that do not share a Config field's
     name (Muon's ``ns_schedule``), so a warm start records the params that reproduce its config."""
+    steady_state: Mapping[str, Any] = field(default_factory=dict)
+    """Hyperparameters that skip a start-up phase whose steps are cheaper than the rest of a run (Shampoo's
+    grafted-Adam steps before ``start_preconditioning_step``): step times are measured with them, so a
+    measurement of a hundred steps times the steps a long run mostly takes."""
     every_step_refresh: Mapping[str, Any] = field(default_factory=dict)
     """Hyperparameters under which every step is a refresh step that also preconditions (Shampoo: frequency 1,
     preconditioning from step 1). The memory planner traces the step with them, because the two traced steps of

@@ -212,5 +212,6 @@ SPEC = OptimizerSpec(
     state_formula="2·Σ d_i² (statistics, roots) + n (momentum) + n (Adam grafting)",
     refresh_knobs=("precondition_frequency", "max_precond_dim"), roles=ALL_ROLES,
     every_step_refresh={"precondition_frequency": 1, "start_preconditioning_step": 1},
+    steady_state={"start_preconditioning_step": 1},
     notes="modes above max_precond_dim and 1-D parameters unpreconditioned (grafted Adam step)",
 )
