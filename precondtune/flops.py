@@ -251,10 +251,12 @@ class Analytic:
 
 
 def analyze(name: str, infos: list[ParamInfo], *, tokens: int = 0, routing: Any = None,
-            hyperparameters: Mapping[str, Any] | None = None) -> Analytic:
+            hyperparameters: Mapping[str, Any] | None = None, rows: Mapping[str, int] | None = None) -> Analytic:
     """Per-parameter :class:`~precondtune.optim.StepFlops` and bytes under ``name``'s routing, summed.
 
-    ``step_flops`` includes what hooks spend in forward/backward for ``tokens`` rows (:func:`capture_flops`).
+    ``step_flops`` includes what hooks spend in forward/backward (:func:`capture_flops`) for the rows each layer
+    saw (``rows``, by weight name, as :func:`precondtune.profiling.count_train_flops` records them), else for
+    ``tokens`` rows.
 
     Refreshes are amortized per parameter (``refresh / every``), so parameters with different periods add
     correctly. The extra forward+backward passes are returned separately (they scale with F, not the params).
@@ -267,7 +269,7 @@ def analyze(name: str, infos: list[ParamInfo], *, tokens: int = 0, routing: Any 
     periods: list[int] = []
     for a in po.route(main.name, infos, routing, **hp):
         sf = a.spec.flops(a.info, a.config)
-        capture = capture_flops(a.spec, a.info, tokens)
+        capture = capture_flops(a.spec, a.info, tokens if rows is None else rows.get(a.info.name, 0))
         step += sf.matmul + capture
         refresh += sf.refresh
         refresh_matmul += sf.refresh_matmul
@@ -412,11 +414,14 @@ def flops_report(mf: ModelFile, optimizers: str | list[str] = "all", *, batch_si
     if dev.type != "meta":
         mf.check_first_step(model, move_to(batch, dev))
         model.zero_grad(set_to_none=True)
-    counted = count_train_flops(mf, model, batch)
+    linear_rows: dict[str, int] = {}
+    counted = count_train_flops(mf, model, batch, linear_rows)
     tokens = tokens_per_batch or counted_tokens
     train_flops = round(counted * tokens / counted_tokens)
+    rows = {k: round(v * tokens / counted_tokens) for k, v in linear_rows.items()}  # rescaled like F
 
-    analytic = {n: analyze(n, infos, tokens=tokens, hyperparameters=hps.get(n)) for n in dict.fromkeys(["adamw", *names])}
+    analytic = {n: analyze(n, infos, tokens=tokens, hyperparameters=hps.get(n), rows=rows)
+                for n in dict.fromkeys(["adamw", *names])}
     predicted = {n: predict(a, train_flops, profile, mfu=mfu, mbu=mbu, matmul_dtype=matmul_dtype)
                  for n, a in analytic.items()} if profile else {}
     measured: dict[str, Measured] = {}

@@ -6,6 +6,7 @@ model is counted on meta tensors: nothing is allocated.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -41,17 +42,33 @@ def resolve_device(device: str, model: nn.Module | None = None) -> torch.device:
     return dev
 
 
-def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any) -> int:
-    """FLOPs of one forward+backward on ``batch`` as ``FlopCounterMode`` counts them (grads cleared after)."""
+def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any,
+                      linear_rows: dict[str, int] | None = None) -> int:
+    """FLOPs of one forward+backward on ``batch`` as ``FlopCounterMode`` counts them (grads cleared after).
+
+    ``linear_rows``, when given, is filled with the rows each ``nn.Linear`` saw in that forward, keyed by its weight's
+    name (summed over calls): what hooks capturing a layer's inputs work on (a ViT's patches, a sliced sequence)."""
     param = next(model.parameters(), None)
     if param is None:
         raise ModelFileError(f"{mf.path}: the model has no parameters; nothing to optimize")
     device = param.device
     batch = move_to(batch, device)
     counter = FlopCounterMode(display=False)
-    with sdpa_kernel([SDPBackend.MATH]), counter:
-        loss = mf.loss(model, batch)
-        loss.backward()
+    handles = []
+    if linear_rows is not None:
+        def count(name: str, module: nn.Linear, args: tuple[Any, ...], output: Any) -> None:
+            if args and torch.is_tensor(args[0]):
+                linear_rows[name] = linear_rows.get(name, 0) + args[0].numel() // max(module.in_features, 1)
+
+        handles = [m.register_forward_hook(functools.partial(count, f"{path}.weight" if path else "weight"))
+                   for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with sdpa_kernel([SDPBackend.MATH]), counter:
+            loss = mf.loss(model, batch)
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 

@@ -257,3 +257,59 @@ def test_step_times_are_measured_in_the_steady_state(monkeypatch):
     (_, hp, _), (_, adam_hp, routing) = built
     assert hp["start_preconditioning_step"] == 1 and adam_hp == {}
     assert routing[0].optimizer == "shampoo" and routing[0].hyperparameters == {"start_preconditioning_step": 1}
+
+
+PATCHES = '''
+import torch, torch.nn.functional as F
+from torch import nn
+
+class ViT(nn.Module):
+    """16 patches per image: each Linear sees 16 rows per batch element, not one."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mlp, self.cls = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        p = x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], 16, 16)
+        return self.cls(F.gelu(self.mlp(F.gelu(self.embed(p)))).mean(1))
+
+def build_model():
+    return ViT()
+
+def sample_batch(b):
+    return torch.randn(b, 1, 16, 16), torch.randint(4, (b,))
+
+def loss_fn(m, b):
+    return F.cross_entropy(m(b[0]), b[1])
+'''
+
+
+def test_iso_capture_flops_count_the_rows_each_layer_sees(tmp_path):
+    """Iso's hooks cost 2·N·(in² + out²) per layer and step for the N rows the layer saw; a patch model's layers
+    see 16 rows per image, where the batch's leading dimension says one (the overhead read 0.33 instead of 1.09).
+    The report's step FLOPs equal FlopCounterMode's: the step itself plus what the hooks add to backward."""
+    from precondtune.modelfile import load_model_file
+
+    (tmp_path / "vit.py").write_text(PATCHES)
+    mf = load_model_file(tmp_path / "vit.py")
+    report = flops.flops_report(mf, ["iso"], batch_size=8).as_json()
+    iso = next(o for o in report["optimizers"] if o["name"] == "iso")
+    torch.manual_seed(0)
+    model, batch = mf.build(), mf.sample_batch(8)
+
+    def backward_flops(opt=None):
+        with FlopCounterMode(display=False) as c:
+            mf.raw_loss(model, batch).backward()
+        return c.get_total_flops()
+
+    plain = backward_flops()
+    model.zero_grad()
+    opt = po.build("iso", model, precondition_frequency=1000)
+    mf.raw_loss(model, batch).backward()
+    opt.step()  # the first step refreshes; the next ones are ordinary
+    model.zero_grad()
+    hooked = backward_flops(opt)
+    with FlopCounterMode(display=False) as c:
+        opt.step()
+    assert iso["step_flops"] == c.get_total_flops() + (hooked - plain)
