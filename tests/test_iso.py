@@ -292,3 +292,20 @@ def test_attention_out_proj_goes_to_adamw_because_its_forward_is_never_called(na
     est = precondtune.estimate_memory(model, name, sample_batch=lambda b: torch.randn(b, 6, 8),
                                       loss_fn=lambda m, x: m(x).sum(), batch_size=4)
     assert est["bytes"]["total_peak"] > 0
+
+
+def test_matrices_iso_cannot_hook_keep_the_tuned_adamw_values():
+    """With a tuned AdamW's fallback rule, attention's projections (not called as Linears) and any other matrix Iso
+    cannot hook go to AdamW with the tuned values, like the roles Iso does not update; they used to get AdamW's
+    defaults (lr 0.001) while the transfer rule said otherwise."""
+    import precondtune
+    from precondtune.transfer import fallback_rules
+
+    model = _WithAttention()
+    infos = precondtune.inventory.inventory(model)
+    tuned = {"lr": 0.01, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    routed = po.route("iso", infos, fallback_rules(po.get_spec("iso"), tuned))
+    to_adamw = [a for a in routed if a.spec.name == "adamw"]
+    assert {a.info.name for a in to_adamw} >= {"attn.in_proj_weight", "attn.out_proj.weight", "out.weight"}
+    assert all(a.config.lr == 0.01 and a.config.weight_decay == 0.1 for a in to_adamw)
+    assert all(a.config.lr == 0.001 for a in po.route("iso", infos) if a.spec.name == "adamw")  # no rule: defaults

@@ -119,7 +119,12 @@ def route(name: str, infos: list[ParamInfo], routing: Iterable[Rule | Mapping[st
     """Decide, per parameter, the optimizer and Config: user rules first, then the default routing."""
     main = get_spec(name)
     main_config = main.config(**hyperparameters)
-    rules = as_rules(routing) + default_routing(main)
+    user_rules = as_rules(routing)
+    # what main cannot take goes to the AdamW the rules configure (the first rule naming AdamW), else AdamW's
+    # defaults: with a tuned AdamW's fallback rule, a matrix Iso cannot hook keeps the tuned values too
+    adamw_overrides = next((r.hyperparameters for r in user_rules if r.optimizer and get_spec(r.optimizer).name
+                            == "adamw"), {})
+    rules = user_rules + default_routing(main)
     out = []
     for info in infos:
         spec, overrides = main, {}
@@ -130,7 +135,7 @@ def route(name: str, infos: list[ParamInfo], routing: Iterable[Rule | Mapping[st
                 break
         else:  # no rule names it: the default routing, where a parameter main cannot take goes to AdamW
             if main.accepts is not None and info.module_type and not main.accepts(info):  # (bare tensors: main)
-                spec = get_spec("adamw")
+                spec, overrides = get_spec("adamw"), adamw_overrides
         if info.role not in spec.roles:
             raise ConfigError(f"{spec.name} cannot update {info.name} (role {info.role}); route role "
                               f"{info.role!r} to another optimizer, e.g. adamw")
