@@ -198,8 +198,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; give a file name such as {path / 'recommended.yaml'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        blocker = next((a for a in path.parents if a.exists()), None)
+        why = f"{blocker} is a file, not a directory" if blocker is not None and not blocker.is_dir() else (
+            e.strerror or str(e))
+        raise ConfigError(f"cannot write {path}: {why}; give a path in a writable directory") from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a config or report is an ordinary file

@@ -376,7 +376,8 @@ def measure_step_times(mf: ModelFile, name: str, *, batch: Any, device: torch.de
 
 def _check_unit(flag: str, value: float) -> None:
     if not 0 < value <= 1:
-        raise ConfigError(f"{flag} {value} is out of range; give a fraction in (0, 1], e.g. {flag} 0.4")
+        example = DEFAULT_MFU if flag == "--mfu" else DEFAULT_MBU
+        raise ConfigError(f"{flag} {value} is out of range; give a fraction in (0, 1], e.g. {flag} {example:g}")
 
 
 def flops_report(mf: ModelFile, optimizers: str | list[str] = "all", *, batch_size: int = 8,
@@ -394,6 +395,9 @@ def flops_report(mf: ModelFile, optimizers: str | list[str] = "all", *, batch_si
     _check_unit("--mfu", mfu)
     _check_unit("--mbu", mbu)
     matmul_dtype = dtype_name(parse_dtype(matmul_dtype))
+    if matmul_dtype not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"--matmul-dtype {matmul_dtype}: GPU profiles give peaks for bf16/fp16 and fp32 matmuls; "
+                          "use one of those")
     profile = resolve_profile(gpu) if gpu else None
     if tokens_per_batch is not None and tokens_per_batch < 1:
         raise ConfigError(f"--tokens-per-batch {tokens_per_batch}: give a positive number of tokens")

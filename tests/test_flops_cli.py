@@ -60,6 +60,8 @@ def test_table_and_measure() -> None:
     (["--mbu", "-1"], "--mbu"),
     (["--tokens-per-batch", "0"], "--tokens-per-batch"),
     (["--matmul-dtype", "int3"], "unknown dtype"),
+    (["--matmul-dtype", "fp64", "--gpu", "h100-sxm-80gb"], "bf16/fp16 and fp32"),
+    (["--mbu", "2"], "e.g. --mbu 0.8"),
 ])
 def test_bad_input_is_one_line_exit_2(args: list[str], needle: str) -> None:
     result = runner.invoke(app, ["flops", MLP, *args])

@@ -238,15 +238,18 @@ def test_cli_single_json_format(tmp_path):
     ["--lr", "1e-3", "--to", "all", "--out", "{tmp}/configs.yaml"],
     ["--lr", "1e-3", "--weight-decay", "-0.1"],
     ["--lr", "1e-3", "--eps", "0", "--to", "shampoo"], ["--lr", "1e-3", "--betas", "0.9,0", "--to", "all"],
+    ["--lr", "1e-3", "--to", "muon", "--out", "{tmp}/blocker/x.yaml"],
 ])
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args):
+    if any("blocker" in a for a in args):  # a parent of --out that is a file
+        (tmp_path / "blocker").write_text("")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "c.yaml")]
     r = runner.invoke(app, ["transfer", MLP, *args])
     assert r.exit_code == 2, r.output
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert [p for p in tmp_path.iterdir() if p.name != "blocker"] == []
 
 
 def test_cli_writes_recommended_yaml_by_default(tmp_path, monkeypatch):
