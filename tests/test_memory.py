@@ -598,3 +598,13 @@ def test_checkpoint_blocks_on_a_model_without_blocks_says_so():
     assert any("no repeated blocks" in n for n in doc["optimizers"][0]["notes"])
     chargpt = plan_memory(load_example("chargpt"), "adamw", MemorySettings(batch_size=BATCH, checkpoint_blocks=True))
     assert not any("no repeated blocks" in n for n in chargpt["optimizers"][0]["notes"])
+
+
+@pytest.mark.parametrize("name", ["iso", "iso-adam"])
+def test_a_hooked_optimizer_with_bf16_master_weights_is_traced(name):
+    """Iso is traced over whole iterations on the fp32 copy it updates; its batch was still cast to bf16, and the
+    conv example stopped with "Input type (c10::BFloat16) and bias type (float) should be the same"."""
+    mf = load_example("cnn")
+    est = precondtune.estimate_memory(mf.path, name, batch_size=BATCH, param_dtype="bf16", master_weights=True)
+    params = sum(p.numel() for p in mf.build().parameters())
+    assert est["bytes"]["master_weights"] == 4 * params and est["bytes"]["total_peak"] > 0
