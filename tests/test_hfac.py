@@ -129,3 +129,23 @@ def test_transfer_and_search_space():
                                      "svd_every": 50, "weight_decay": 0.0})
     assert hfac.diag_search_space(trial, t.config).svd_every == 50
     assert po.get_spec("HFAC_DIAG").roles == po.MATRIX_ROLES
+
+
+@pytest.mark.parametrize("name", ["hfac", "hfac-diag", "adafac-diag"])
+def test_a_gradient_with_all_zero_columns_gives_a_finite_update(name):
+    """A dead ReLU feature gives a weight an all-zero gradient column. With ε = 1e-30, ε² underflows to 0 in
+    float32, √V̂ was 0 there and the update 0·∞ = NaN: H-Fac turned the cnn example's classifier to NaN at
+    its first step. The floor is now at least float32's smallest normal number."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(32, 64))
+    opt = po.build(name, [w])
+    for _ in range(3):
+        g = torch.randn(32, 64)
+        g[:, :5] = 0.0  # five input features that never fire
+        w.grad = g
+        opt.step()
+    assert torch.isfinite(w).all()
+    from precondtune.optim.kernels import factored
+
+    row, col = torch.zeros(4, 1), torch.zeros(1, 3)
+    assert torch.equal(factored.precondition(torch.zeros(4, 3), row, col, 1e-30), torch.zeros(4, 3))

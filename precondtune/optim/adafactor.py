@@ -94,7 +94,7 @@ def adafactor_(p: Tensor, grad: Tensor, state: dict[str, Any], c: Config) -> Non
         v = state["variance"]
         v.lerp_(grad * grad, weight)
         v_hat = v / bias_correction if bias_correction != 1.0 else v.clone()
-        update = v_hat.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+        update = v_hat.clamp_(min=factored.floor(eps1 * eps1, v_hat.dtype)).rsqrt_().mul_(grad)
     # update clipping, written as torch writes it (same rounding of the clip factor)
     clip = max(1.0, update.norm(2).item() / (math.sqrt(update.numel()) * c.d))
     if c.beta1 is not None:

@@ -106,8 +106,9 @@ def hfac_direction(g: Tensor, state: dict[str, Any], t: int, c: Config) -> Tenso
             state[key].copy_(x)
     scaled = factored.precondition(g, row, col, c.eps)
     denom = max(1.0, factored.rms(scaled) / c.clip_threshold)
-    phi = (u - g_row).div_(row.sqrt().clamp_(min=c.eps))
-    psi = (v - g_col).div_(col.sqrt().clamp_(min=c.eps))
+    tiny = factored.floor(c.eps, g.dtype)
+    phi = (u - g_row).div_(row.sqrt().clamp_(min=tiny))
+    psi = (v - g_col).div_(col.sqrt().clamp_(min=tiny))
     return (phi + psi).mul_(0.5 * b1).add_(scaled, alpha=1 / denom)
 
 

@@ -62,13 +62,20 @@ def update_(row: Tensor, col: Tensor, grad: Tensor, weight: float) -> None:
     col.lerp_(sq.mean(dim=-2, keepdim=True), weight)
 
 
+def floor(eps: float, dtype: torch.dtype) -> float:
+    """``eps`` as a floor that ``dtype`` can hold: at least its smallest normal number. ε₁ = 1e-30 squared
+    underflows to 0 in float32 (and 1e-30 itself in float16), and an all-zero gradient row or column (a dead
+    ReLU feature) then gives 0·∞ = NaN."""
+    return max(eps, torch.finfo(dtype).tiny)
+
+
 def reconstruct(row: Tensor, col: Tensor, eps: float = 0.0) -> Tensor:
     """The rank-1 second moment V̂ = r·c / max(mean(r), eps), a new tensor of the parameter's shape.
 
     ``eps`` keeps an all-zero gradient from dividing by zero (torch places ε₁ here and in :func:`precondition`,
     not inside the statistics as the paper does).
     """
-    return (row * col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps))
+    return (row * col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=floor(eps, row.dtype)))
 
 
 def precondition(grad: Tensor, row: Tensor, col: Tensor, eps: float, bias_correction: float = 1.0) -> Tensor:
@@ -81,7 +88,7 @@ def precondition(grad: Tensor, row: Tensor, col: Tensor, eps: float, bias_correc
     if bias_correction != 1.0:
         v.div_(bias_correction)
     # clamp at eps² before the square root keeps eps on the scale of √V̂
-    return v.clamp_(min=eps * eps).rsqrt_().mul_(grad)
+    return v.clamp_(min=floor(eps * eps, v.dtype)).rsqrt_().mul_(grad)
 
 
 def rms(x: Tensor) -> float:
