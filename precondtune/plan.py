@@ -466,6 +466,7 @@ def recommended_config(result: PlanResult) -> dict[str, Any]:
             "optimizer_state_bytes": int(win.memory["bytes"]["optimizer_state"]),
             "total_peak_bytes": int(win.memory["bytes"]["total_peak"]),
             "flop_overhead": float(win.cost["overhead"]) if win.cost else None,
+            "batch_size": result.settings.batch_size,
         },
         "evidence": {
             "storage": result.storage,

@@ -177,6 +177,40 @@ def _finish(name: str, infos: Sequence[ParamInfo], hp: dict[str, Any], routing: 
     return Transferred(name, cfg, rule, source, shapes, groups)
 
 
+def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size: int) -> list[Transferred]:
+    """``results`` with the recommended config's ``total_peak_bytes`` and ``flop_overhead`` added (SPEC.md's
+    estimates; ``plan`` writes the same), traced and counted on ``mf``'s batch of ``batch_size``
+    (:mod:`precondtune.memory`, :mod:`precondtune.flops`) for each transferred config, routing included.
+    ``estimates.batch_size`` says which batch. A model file without ``sample_batch`` keeps the two it has."""
+    import dataclasses
+
+    from .flops import analyze
+    from .memory import MemoryPlanner, MemorySettings
+    from .modelfile import tokens_in
+    from .profiling import count_train_flops
+
+    if not mf.can_sample:
+        return list(results)
+    planner = MemoryPlanner(mf, MemorySettings(batch_size=batch_size))
+    model = mf.build()
+    batch = mf.sample_batch(batch_size)
+    rows: dict[str, int] = {}
+    train_flops = count_train_flops(mf, model, batch, rows)
+    infos = planner.m.infos
+    out = []
+    for t in results:
+        cfg = t.config
+        hp = _tuple_hp(cfg.hyperparameters)
+        entry = planner.estimate(cfg.optimizer, hp, routing=cfg.param_groups or None)
+        a = analyze(cfg.optimizer, infos, tokens=tokens_in(batch), routing=cfg.param_groups or None,
+                    hyperparameters=hp, rows=rows)
+        estimates = {**cfg.estimates, "total_peak_bytes": int(entry["bytes"]["total_peak"]),
+                     "flop_overhead": a.total_amortized(train_flops) / train_flops if train_flops else None,
+                     "batch_size": batch_size}
+        out.append(dataclasses.replace(t, config=dataclasses.replace(cfg, estimates=estimates)))
+    return out
+
+
 def _tuple_hp(hp: dict[str, Any]) -> dict[str, Any]:
     return {k: as_tuples(v) for k, v in hp.items()}
 

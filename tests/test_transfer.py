@@ -272,3 +272,35 @@ def test_per_shape_rules_also_match_under_ddp_and_compile_wrappers():
     for wrapped in (name, f"module.{name}", f"_orig_mod.{name}", f"module._orig_mod.{name}"):
         assert re.search(rule["name"], wrapped), wrapped
     assert not re.search(rule["name"], f"other.{name}")  # not any parameter whose path merely ends alike
+
+
+def test_transfer_estimates_are_the_traced_peak_and_counted_overhead_of_the_config(tmp_path):
+    """SPEC's estimates (total_peak_bytes, flop_overhead) for each transferred config, routing included, equal
+    what `memory` and `flops` say of it at the same batch."""
+    from precondtune import flops
+    from precondtune.modelfile import load_model_file
+
+    r = runner.invoke(app, ["transfer", str(load_example("chargpt").path), "--lr", "1e-3", "--to", "muon,soap",
+                            "--batch-size", "4", "--out", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    mf = load_model_file(load_example("chargpt").path)
+    costs = {o["name"]: o for o in flops.flops_report(mf, ["muon", "soap"], batch_size=4).as_json()["optimizers"]}
+    for o in json.loads(r.stdout)["optimizers"]:
+        cfg = o["config"]
+        est = cfg["estimates"]
+        hp = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["hyperparameters"].items()}
+        memory = precondtune.estimate_memory(mf.path, cfg["optimizer"], batch_size=4, hyperparameters=hp,
+                                             routing=cfg["param_groups"])
+        assert est["total_peak_bytes"] == memory["bytes"]["total_peak"] and est["batch_size"] == 4
+        assert est["flop_overhead"] == pytest.approx(costs[cfg["optimizer"]]["overhead"], rel=1e-9)
+        assert yaml.safe_load((tmp_path / f"{cfg['optimizer']}.yaml").read_text())["estimates"] == est
+
+
+def test_transfer_without_a_batch_keeps_the_estimates_it_can_make(tmp_path):
+    path = tmp_path / "nobatch.py"
+    path.write_text("from torch import nn\n\n"
+                    "def build_model():\n    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))\n")
+    r = runner.invoke(app, ["transfer", str(path), "--lr", "1e-3", "--to", "muon", "--out", str(tmp_path / "m.yaml")])
+    assert r.exit_code == 0, r.output
+    est = yaml.safe_load((tmp_path / "m.yaml").read_text())["estimates"]
+    assert set(est) == {"optimizer_state_bytes", "optimizer_step_flops"}

@@ -8,8 +8,19 @@ import typer
 from ...errors import ConfigError
 from ...inventory import count_parameters, inventory
 from ...modelfile import load_model_file
-from ...transfer import Transferred, transfer, write_configs
-from ..common import ConfigFormat, DebugOpt, JsonOpt, ModelArg, emit_json, handle_errors, human_bytes, stdout, table
+from ...transfer import Transferred, transfer, with_traced_estimates, write_configs
+from ..common import (
+    BatchOpt,
+    ConfigFormat,
+    DebugOpt,
+    JsonOpt,
+    ModelArg,
+    emit_json,
+    handle_errors,
+    human_bytes,
+    stdout,
+    table,
+)
 
 NAME = "transfer"
 HELP = ("Hyperparameters transferred from a tuned AdamW (or a Muon lr in another convention) to other optimizers; "
@@ -85,6 +96,7 @@ def command(
                                                           "one <name>.yaml each).")] = None,
     format_: Annotated[ConfigFormat | None, typer.Option("--format", help="yaml or json (default: by --out's suffix, "
                                                                      "else yaml).")] = None,
+    batch_size: BatchOpt = 8,
     json_: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -102,6 +114,7 @@ def command(
             weight_decay=None if weight_decay is None else _number("--weight-decay", weight_decay), source=from_,
             convention=conventions[0] if conventions else None,
             target_convention=conventions[1] if len(conventions) > 1 else None)
+        results = with_traced_estimates(results, mf, batch_size=batch_size)
         if out is None:
             out = Path("recommended" if len(results) > 1 else
                        f"recommended.{format_.value if format_ else 'yaml'}")
