@@ -395,10 +395,10 @@ def flops_report(mf: ModelFile, optimizers: str | list[str] = "all", *, batch_si
     _check_unit("--mfu", mfu)
     _check_unit("--mbu", mbu)
     matmul_dtype = dtype_name(parse_dtype(matmul_dtype))
-    if matmul_dtype not in ("bf16", "fp16", "fp32"):
+    profile = resolve_profile(gpu) if gpu else None
+    if profile is not None and matmul_dtype not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"--matmul-dtype {matmul_dtype}: GPU profiles give peaks for bf16/fp16 and fp32 matmuls; "
                           "use one of those")
-    profile = resolve_profile(gpu) if gpu else None
     if tokens_per_batch is not None and tokens_per_batch < 1:
         raise ConfigError(f"--tokens-per-batch {tokens_per_batch}: give a positive number of tokens")
     hps = {po.get_spec(k).name: dict(v) for k, v in (hyperparameters or {}).items()}

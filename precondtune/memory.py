@@ -299,7 +299,7 @@ class MemoryPlanner:
 
             s = self.settings
             batch = self._batch(s.batch_size) if hooked else None
-            if batch is not None and s.param_dtype and not s.autocast and self.step_cast != self.cast:
+            if batch is not None and self.master and not s.autocast:
                 # the whole-iteration trace runs on the updated (fp32 master) copy: feed it that dtype
                 batch = cast_batch(batch, self.step_cast)
             autocast = parse_dtype(s.autocast) if s.autocast else None

@@ -46,8 +46,9 @@ def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any,
                       linear_rows: dict[str, int] | None = None) -> int:
     """FLOPs of one forward+backward on ``batch`` as ``FlopCounterMode`` counts them (grads cleared after).
 
-    ``linear_rows``, when given, is filled with the rows each ``nn.Linear`` saw in that forward, keyed by its weight's
-    name (summed over calls): what hooks capturing a layer's inputs work on (a ViT's patches, a sliced sequence)."""
+    ``linear_rows``, when given, is filled with the rows each ``nn.Linear`` weight saw in that forward, keyed by the
+    weight's name (summed over calls and over modules sharing it): what hooks capturing a layer's inputs work on
+    (a ViT's patches, a sliced sequence). Layers recomputed under activation checkpointing are counted twice."""
     param = next(model.parameters(), None)
     if param is None:
         raise ModelFileError(f"{mf.path}: the model has no parameters; nothing to optimize")
@@ -60,8 +61,12 @@ def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any,
             if args and torch.is_tensor(args[0]):
                 linear_rows[name] = linear_rows.get(name, 0) + args[0].numel() // max(module.in_features, 1)
 
-        handles = [m.register_forward_hook(functools.partial(count, f"{path}.weight" if path else "weight"))
-                   for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+        first: dict[int, str] = {}  # a weight shared by two Linear modules is one parameter, named where first seen
+        linears = [(path, m) for path, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
+        for path, m in linears:
+            first.setdefault(id(m.weight), f"{path}.weight" if path else "weight")
+        handles = [m.register_forward_hook(functools.partial(count, first[id(m.weight)]))
+                   for m in {id(m): m for _, m in linears}.values()]
     try:
         with sdpa_kernel([SDPBackend.MATH]), counter:
             loss = mf.loss(model, batch)

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import optim
 from .config import RecommendedConfig, as_tuples, dumps, format_for, plain, validate, write_text_atomic
-from .errors import ConfigError
+from .errors import ConfigError, PrecondtuneError
 from .inventory import ParamInfo
 from .optim import adamw, muon
 
@@ -177,11 +177,14 @@ def _finish(name: str, infos: Sequence[ParamInfo], hp: dict[str, Any], routing: 
     return Transferred(name, cfg, rule, source, shapes, groups)
 
 
-def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size: int) -> list[Transferred]:
+def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size: int,
+                          notes: list[str] | None = None) -> list[Transferred]:
     """``results`` with the recommended config's ``total_peak_bytes`` and ``flop_overhead`` added (SPEC.md's
     estimates; ``plan`` writes the same), traced and counted on ``mf``'s batch of ``batch_size``
     (:mod:`precondtune.memory`, :mod:`precondtune.flops`) for each transferred config, routing included.
-    ``estimates.batch_size`` says which batch. A model file without ``sample_batch`` keeps the two it has."""
+    ``estimates.batch_size`` says which batch. A model file without ``sample_batch`` keeps the two it has, and so
+    does a config whose step cannot be traced (e.g. Iso on a layer called through ``F.linear``), with the reason
+    appended to ``notes``; the other configs are unaffected."""
     import dataclasses
 
     from .flops import analyze
@@ -201,7 +204,14 @@ def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size
     for t in results:
         cfg = t.config
         hp = _tuple_hp(cfg.hyperparameters)
-        entry = planner.estimate(cfg.optimizer, hp, routing=cfg.param_groups or None)
+        try:
+            entry = planner.estimate(cfg.optimizer, hp, routing=cfg.param_groups or None)
+        except (PrecondtuneError, RuntimeError, ValueError) as e:
+            if notes is not None:
+                notes.append(f"{cfg.optimizer}: no total_peak_bytes or flop_overhead in its estimates; its step "
+                             f"could not be traced ({e})")
+            out.append(t)
+            continue
         a = analyze(cfg.optimizer, infos, tokens=tokens_in(batch), routing=cfg.param_groups or None,
                     hyperparameters=hp, rows=rows)
         estimates = {**cfg.estimates, "total_peak_bytes": int(entry["bytes"]["total_peak"]),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import load_example
 
 import precondtune
+import precondtune.optim as po
 from precondtune import config as pc
 from precondtune.errors import ConfigError
 
@@ -134,3 +136,16 @@ def test_name_rules_and_main_overrides_route_per_parameter():
     opt = precondtune.build_optimizer(model, doc)
     lrs = {g["names"][0]: g["lr"] for part in opt.parts for g in part.param_groups if g["role"] == "matrix"}
     assert lrs == {"0.weight": 0.01, "1.weight": 0.02}
+
+
+@pytest.mark.parametrize(("name", "hp"), [
+    ("adafactor", {"d": float("inf")}),  # no update clipping
+    ("hfac", {"clip_threshold": float("inf")}),
+    ("shampoo", {"max_precond_dim": float("inf")}),  # no limit
+    ("adamw", {"foreach": None}),  # torch's "auto"
+    ("adamw", {"lr": torch.tensor(1e-3)}),  # torch takes a tensor lr
+    ("adamw", {"betas": np.array([0.9, 0.99])}),
+    ("muon", {"nesterov": np.bool_(True)}),
+])
+def test_values_torch_accepts_pass_the_type_checks(name, hp):
+    po.get_spec(name).config(**hp)

@@ -149,3 +149,20 @@ def test_a_gradient_with_all_zero_columns_gives_a_finite_update(name):
 
     row, col = torch.zeros(4, 1), torch.zeros(1, 3)
     assert torch.equal(factored.precondition(torch.zeros(4, 3), row, col, 1e-30), torch.zeros(4, 3))
+
+
+def test_the_floor_leaves_a_representable_eps_alone_in_every_dtype():
+    """The floor only replaces an eps that rounds to 0 in the dtype; Adafactor's float16 eps₁² is representable
+    and its float16 step still equals torch.optim.Adafactor's (a smallest-normal floor had cut it to 0.13×)."""
+    from precondtune.optim.kernels import factored
+
+    assert factored.floor(1e-30, torch.float32) == 1e-30
+    assert 0 < factored.floor(1e-60, torch.float32) < 1e-44 and 0 < factored.floor(1e-30, torch.float16) < 1e-7
+    torch.manual_seed(0)
+    g = torch.randn(64, 32) * 1e-3
+    ours, ref = torch.nn.Parameter(torch.ones(64, 32, dtype=torch.float16)), None
+    ref = torch.nn.Parameter(torch.ones(64, 32, dtype=torch.float16))
+    ours.grad, ref.grad = g.half(), g.half()
+    po.build("adafactor", [ours], lr=1e-2, weight_decay=0.0).step()
+    torch.optim.Adafactor([ref], lr=1e-2, weight_decay=0.0).step()
+    assert torch.allclose(ours.float(), ref.float(), atol=1e-3)

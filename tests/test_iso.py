@@ -309,3 +309,16 @@ def test_matrices_iso_cannot_hook_keep_the_tuned_adamw_values():
     assert {a.info.name for a in to_adamw} >= {"attn.in_proj_weight", "attn.out_proj.weight", "out.weight"}
     assert all(a.config.lr == 0.01 and a.config.weight_decay == 0.1 for a in to_adamw)
     assert all(a.config.lr == 0.001 for a in po.route("iso", infos) if a.spec.name == "adamw")  # no rule: defaults
+
+
+def test_the_fallback_adamw_is_the_last_whole_role_rule_naming_adamw():
+    """A rule for one role (embedding, lr 0: frozen) or for named parameters must not decide what the matrices
+    Iso cannot hook get; the last AdamW rule without a name filter does (the tuned fallback rule comes last)."""
+    import precondtune
+
+    infos = precondtune.inventory.inventory(_WithAttention())
+    rules = [{"match": "head", "optimizer": "adamw", "hyperparameters": {"lr": 0.0}},
+             {"match": "matrix", "name": "inp", "optimizer": "adamw", "hyperparameters": {"lr": 0.5}},
+             {"match": "vector|head|embedding", "optimizer": "adamw", "hyperparameters": {"lr": 3e-4}}]
+    routed = {a.info.name: a for a in po.route("iso", infos, rules)}
+    assert routed["attn.out_proj.weight"].config.lr == 3e-4 and routed["attn.in_proj_weight"].config.lr == 3e-4

@@ -608,3 +608,13 @@ def test_a_hooked_optimizer_with_bf16_master_weights_is_traced(name):
     est = precondtune.estimate_memory(mf.path, name, batch_size=BATCH, param_dtype="bf16", master_weights=True)
     params = sum(p.numel() for p in mf.build().parameters())
     assert est["bytes"]["master_weights"] == 4 * params and est["bytes"]["total_peak"] > 0
+
+
+def test_a_bf16_model_with_master_weights_traces_iso():
+    """A model built in bf16 (no --param-dtype) with fp32 master weights: Iso's whole-iteration trace runs on the
+    fp32 copy and needs an fp32 batch too (it stopped on "Input type (c10::BFloat16) and bias type (float)")."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(torch.bfloat16)
+    est = precondtune.estimate_memory(model, "iso", sample_batch=lambda b: torch.randn(b, 8, dtype=torch.bfloat16),
+                                      loss_fn=lambda m, x: m(x).float().square().mean(), batch_size=BATCH,
+                                      master_weights=True)
+    assert est["bytes"]["master_weights"] == 4 * sum(p.numel() for p in model.parameters())

@@ -304,3 +304,40 @@ def test_transfer_without_a_batch_keeps_the_estimates_it_can_make(tmp_path):
     assert r.exit_code == 0, r.output
     est = yaml.safe_load((tmp_path / "m.yaml").read_text())["estimates"]
     assert set(est) == {"optimizer_state_bytes", "optimizer_step_flops"}
+
+
+FLINEAR = '''
+import torch, torch.nn.functional as F
+from torch import nn
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = F.gelu(F.linear(F.gelu(self.a(x)), self.b.weight, self.b.bias))  # b's own forward is never called
+        return self.head(h)
+
+def build_model():
+    return M()
+
+def sample_batch(n):
+    return torch.randn(n, 16), torch.randint(0, 4, (n,))
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+'''
+
+
+def test_a_config_whose_step_cannot_be_traced_keeps_its_other_estimates_and_the_rest_are_written(tmp_path):
+    (tmp_path / "flinear.py").write_text(FLINEAR)
+    r = runner.invoke(app, ["transfer", str(tmp_path / "flinear.py"), "--lr", "1e-3", "--to", "adamw,iso,muon",
+                            "--out", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    est = {o["name"]: o["config"]["estimates"] for o in doc["optimizers"]}
+    assert "total_peak_bytes" not in est["iso"] and est["iso"]["optimizer_state_bytes"] > 0
+    assert "total_peak_bytes" in est["adamw"] and "total_peak_bytes" in est["muon"]
+    assert len(doc["notes"]) == 1 and doc["notes"][0].startswith("iso:")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adamw.yaml", "iso.yaml", "muon.yaml"]

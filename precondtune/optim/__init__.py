@@ -120,10 +120,11 @@ def route(name: str, infos: list[ParamInfo], routing: Iterable[Rule | Mapping[st
     main = get_spec(name)
     main_config = main.config(**hyperparameters)
     user_rules = as_rules(routing)
-    # what main cannot take goes to the AdamW the rules configure (the first rule naming AdamW), else AdamW's
-    # defaults: with a tuned AdamW's fallback rule, a matrix Iso cannot hook keeps the tuned values too
-    adamw_overrides = next((r.hyperparameters for r in user_rules if r.optimizer and get_spec(r.optimizer).name
-                            == "adamw"), {})
+    # what main cannot take goes to the AdamW the rules configure — the last rule naming AdamW for whole roles
+    # (no name filter), as the fallback rule of a tuned AdamW is — else AdamW's defaults: with that rule, a matrix
+    # Iso cannot hook keeps the tuned values too
+    adamw_overrides = next((r.hyperparameters for r in reversed(user_rules) if r.optimizer and r.name is None
+                            and get_spec(r.optimizer).name == "adamw"), {})
     rules = user_rules + default_routing(main)
     out = []
     for info in infos:

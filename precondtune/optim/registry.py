@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, UnknownNameError
@@ -157,25 +158,37 @@ def make_config(config_cls: type, hyperparameters: Mapping[str, Any], *, where: 
 
 def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
     """What is wrong with ``value``'s type for the field ``key``, judged by the field's default and whether its
-    annotation admits None; None when nothing is (range checks are the Config's own)."""
+    annotation admits None; None when nothing is (range checks are the Config's own). Accepted besides Python's
+    own types: numpy scalars and arrays, a 0-d tensor for a number (torch takes a tensor lr), inf for thresholds
+    (``clip_threshold``, ``max_precond_dim``) but not for lr or weight decay, None for a bool (torch's "auto")."""
     f = next(f for f in dataclasses.fields(config_cls) if f.name == key)
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     if value is None:
-        return None if default is None or "None" in str(f.type) else "must be set (it cannot be null)"
+        ok = default is None or isinstance(default, bool) or "None" in str(f.type)
+        return None if ok else "must be set (it cannot be null)"
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not isinstance(default, (bool, tuple, str)):
+        value = value.item()
     if isinstance(default, bool):
-        return None if isinstance(value, bool) else "must be true or false"
+        return None if isinstance(value, (bool, np.bool_)) else "must be true or false"
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if isinstance(default, int):
-        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "must be an integer"
+        if number and isinstance(value, float) and math.isinf(value) and value > 0:
+            return None  # no limit (max_precond_dim)
+        return None if isinstance(value, numbers.Integral) and number else "must be an integer"
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not number:
             return "must be a number"
-        return None if math.isfinite(value) or not math.isfinite(default) else "must be finite"
+        return "must be finite" if key in _FINITE and not math.isfinite(value) else None
     if isinstance(default, tuple):
-        return None if isinstance(value, tuple) else "must be a list"
+        return None if isinstance(value, (tuple, np.ndarray)) else "must be a list"
     if isinstance(default, str):
         return None if isinstance(value, str) else "must be a string"
     return None
+
+
+_FINITE = frozenset({"lr", "weight_decay"})
+"""Numeric fields an infinite value makes meaningless (thresholds such as ``clip_threshold`` may be inf)."""
 
 
 def config_dict(config: Any) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def command(
             weight_decay=None if weight_decay is None else _number("--weight-decay", weight_decay), source=from_,
             convention=conventions[0] if conventions else None,
             target_convention=conventions[1] if len(conventions) > 1 else None)
-        results = with_traced_estimates(results, mf, batch_size=batch_size)
+        notes: list[str] = []
+        results = with_traced_estimates(results, mf, batch_size=batch_size, notes=notes)
         if out is None:
             out = Path("recommended" if len(results) > 1 else
                        f"recommended.{format_.value if format_ else 'yaml'}")
@@ -123,8 +124,11 @@ def command(
             total, trainable = count_parameters(net)
             emit_json({"model": {"path": str(mf.path), "parameters": total, "trainable_parameters": trainable},
                        "from": results[0].config.evidence.get("transferred_from", {}),
-                       "optimizers": [t.as_json() for t in results], "written": [str(p) for p in written]})
+                       "optimizers": [t.as_json() for t in results], "written": [str(p) for p in written],
+                       "notes": notes})
             return
         _render(results)
+        for n in notes:
+            stdout.print(f"note: {n}", highlight=False, soft_wrap=True, markup=False)
         for p in written:
             stdout.print(f"wrote {p}", highlight=False)

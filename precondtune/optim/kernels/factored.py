@@ -63,10 +63,13 @@ def update_(row: Tensor, col: Tensor, grad: Tensor, weight: float) -> None:
 
 
 def floor(eps: float, dtype: torch.dtype) -> float:
-    """``eps`` as a floor that ``dtype`` can hold: at least its smallest normal number. ε₁ = 1e-30 squared
-    underflows to 0 in float32 (and 1e-30 itself in float16), and an all-zero gradient row or column (a dead
-    ReLU feature) then gives 0·∞ = NaN."""
-    return max(eps, torch.finfo(dtype).tiny)
+    """``eps`` as a floor that ``dtype`` can hold: ``eps`` itself, or the dtype's smallest positive (subnormal)
+    number when ``eps`` rounds to 0 there. ε₁ = 1e-30 squared underflows to 0 in float32 (and 1e-30 itself in
+    float16), and an all-zero gradient row or column (a dead ReLU feature) then gives 0·∞ = NaN."""
+    if eps <= 0 or torch.tensor(eps, dtype=dtype).item() > 0:
+        return eps
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps  # the smallest subnormal: 2^-149 (fp32), 2^-24 (fp16), 2^-133 (bf16)
 
 
 def reconstruct(row: Tensor, col: Tensor, eps: float = 0.0) -> Tensor:
