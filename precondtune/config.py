@@ -65,10 +65,12 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)
-    if isinstance(value, (bool, int, float, str)) or value is None:
+    if hasattr(value, "tolist") and callable(value.tolist) and getattr(value, "ndim", 0) > 0:
+        return plain(value.tolist())  # a numpy array or tensor
+    if type(value) in (bool, int, float, str) or value is None:
         return value
     if hasattr(value, "item") and callable(value.item):
-        return value.item()
+        return value.item()  # numpy scalars (np.float64 subclasses float, but YAML cannot write it), 0-d tensors
     return value
 
 

@@ -149,3 +149,14 @@ def test_name_rules_and_main_overrides_route_per_parameter():
 ])
 def test_values_torch_accepts_pass_the_type_checks(name, hp):
     po.get_spec(name).config(**hp)
+
+
+def test_numpy_values_are_written_and_built_as_python_numbers(tmp_path):
+    """Values from pandas or numpy (np.float64, np.int32, arrays) reach configs: they are checked and written as
+    plain numbers (YAML could not write np.float64; the Configs' own checks rejected np.int32)."""
+    doc = {"schema_version": 1, "optimizer": "sophia",
+           "hyperparameters": {"lr": np.float64(1e-3), "k": np.int32(10), "betas": np.array([0.96, 0.99])}}
+    path = pc.write(doc, tmp_path / "np.yaml")
+    back = yaml.safe_load(path.read_text())["hyperparameters"]
+    assert back["lr"] == 1e-3 and back["k"] == 10 and back["betas"] == [0.96, 0.99]
+    assert po.get_spec("sophia").config(k=np.int32(10)).k == 10

@@ -145,7 +145,7 @@ def make_config(config_cls: type, hyperparameters: Mapping[str, Any], *, where: 
     unknown = [k for k in hyperparameters if k not in valid]
     if unknown:
         raise ConfigError(f"{where}: unknown hyperparameter {unknown[0]!r}; valid: {', '.join(valid)}")
-    hp = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyperparameters.items()}
+    hp = {k: _python(v) for k, v in hyperparameters.items()}
     for key, value in hp.items():
         problem = _type_problem(config_cls, key, value)
         if problem:
@@ -154,6 +154,17 @@ def make_config(config_cls: type, hyperparameters: Mapping[str, Any], *, where: 
         return config_cls(**hp)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _python(value: Any) -> Any:
+    """Lists and numpy arrays -> tuples, numpy scalars -> Python numbers (what the Configs' own checks expect)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
