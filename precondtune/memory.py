@@ -12,7 +12,9 @@ optimizer step's own temporaries and the peak, with the phase where the peak hap
   (plus the all-gathered units: the root's parameters and two blocks, current and prefetched). Non-elementwise
   optimizers (all but AdamW and Sophia: Muon, Shampoo, SOAP, Adafactor, AdaDiag, Iso, GaLore, ...) update whole
   matrices, so under any sharding the largest matrix they own is gathered for its update; that transient is
-  counted in ``step_temporaries`` and said in ``notes``;
+  counted in ``step_temporaries`` and said in ``notes``. An all-elementwise step runs over each GPU's shard, so
+  its temporaries are divided by N; the backward peak is taken where the per-GPU bytes peak (gradients at their
+  sharded share, :meth:`MemoryPlanner.forward_backward`);
 * **fit** against a GPU profile's memory less a reserve for the CUDA context, library workspaces and allocator
   fragmentation (``reserve_gb``, default :data:`DEFAULT_RESERVE_GB`).
 

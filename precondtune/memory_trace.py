@@ -306,7 +306,7 @@ def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module,
     with fm.mode, stub:
         fb = fake_batch(batch, fm.mode)
         mt = PhaseMemTracker(grad_weight)
-        mt.track_external(fm.model, *_tensors(fb))
+        mt.track_external(fm.model, *iter_tensors(fb))
         with mt:
             _forward_backward(mt, fm.model, fb, loss, autocast)
         after = mt.categories()
@@ -322,7 +322,7 @@ def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer
                 p.grad = torch.zeros(p.shape, dtype=p.dtype, device="cpu")
         opt = build(fm.model)
         mt = PhaseMemTracker()
-        mt.track_external(fm.model, *_tensors(extra))
+        mt.track_external(fm.model, *iter_tensors(extra))
         with mt:
             for _ in range(2):
                 with mt.in_phase("step"):
@@ -343,7 +343,7 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
         fb = fake_batch(batch, fm.mode)
         opt = build(fm.model)
         mt = PhaseMemTracker(grad_weight)
-        mt.track_external(fm.model, opt, *_tensors(fb))
+        mt.track_external(fm.model, opt, *iter_tensors(fb))
         after: dict[str, int] = {}
         with mt:
             for it in range(2):
@@ -357,10 +357,6 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
                 after = mt.categories()
                 opt.zero_grad(set_to_none=True)
     return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded)
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    return list(iter_tensors(x))
 
 
 def extrapolate(run: Callable[[int | None], Trace], blocks: int | None, *, check: bool = True) -> tuple[Trace, str]:

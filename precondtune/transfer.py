@@ -189,16 +189,13 @@ def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size
 
     from .flops import analyze
     from .memory import MemoryPlanner, MemorySettings
-    from .modelfile import tokens_in
     from .profiling import count_train_flops
 
     if not mf.can_sample:
         return list(results)
     planner = MemoryPlanner(mf, MemorySettings(batch_size=batch_size))
-    model = mf.build()
-    batch = mf.sample_batch(batch_size)
-    rows: dict[str, int] = {}
-    train_flops = count_train_flops(mf, model, batch, rows)
+    rows: dict[str, int] = {}  # the rows each Linear sees, for hook costs (Iso)
+    train_flops = count_train_flops(mf, planner.m.module, mf.sample_batch(batch_size), rows)
     infos = planner.m.infos
     out = []
     for t in results:
@@ -212,8 +209,7 @@ def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size
                              f"could not be traced ({e})")
             out.append(t)
             continue
-        a = analyze(cfg.optimizer, infos, tokens=tokens_in(batch), routing=cfg.param_groups or None,
-                    hyperparameters=hp, rows=rows)
+        a = analyze(cfg.optimizer, infos, routing=cfg.param_groups or None, hyperparameters=hp, rows=rows)
         estimates = {**cfg.estimates, "total_peak_bytes": int(entry["bytes"]["total_peak"]),
                      "flop_overhead": a.total_amortized(train_flops) / train_flops if train_flops else None,
                      "batch_size": batch_size}

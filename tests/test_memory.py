@@ -50,6 +50,19 @@ def test_optimizer_state_equals_measured_for_every_optimizer(plans, ex):
     assert not wrong
 
 
+def _model_file(tmp_path, name: str, text: str):
+    """A model file written from ``text`` and loaded through precondtune's loader."""
+    from precondtune.modelfile import load_model_file
+
+    (tmp_path / name).write_text(text)
+    return load_model_file(tmp_path / name)
+
+
+def _period_two(name: str) -> dict:
+    """``name``'s refresh knobs at period 2: steps 2 and 4 refresh from a live state, reached in five iterations."""
+    return {k: 2 if v == 1 else v for k, v in po.get_spec(name).every_step_refresh.items()}
+
+
 def _real_peak(mf, name: str, hyperparameters: dict | None = None, iterations: int = 2) -> int:
     """Peak bytes of real training iterations on CPU under a (non-fake) MemTracker."""
     torch.manual_seed(0)
@@ -84,7 +97,7 @@ def test_the_step_counted_is_the_largest_one_a_refresh_from_a_live_state(plans, 
     largest step there is; five real iterations reach it. The estimate equals its peak, for the period-2 config
     and for the default one (whose first refresh, at step 10 to 200, two traced steps would never reach: SOAP on
     cnn was under-counted by 39%, AdaDiag on mlp by 12%)."""
-    hp = {k: 2 if v == 1 else v for k, v in po.get_spec(name).every_step_refresh.items()}
+    hp = _period_two(name)
     mf = load_example(ex)
     est = precondtune.estimate_memory(mf.path, name, batch_size=BATCH, hyperparameters=hp)
     assert est["bytes"]["total_peak"] == _real_peak(mf, name, hp, iterations=5)
@@ -323,10 +336,7 @@ def test_fsdp_peak_of_a_deep_model_whose_backward_peaks_early(tmp_path, name):
     early (activations alive, few gradients) and the sharded step is small. Counting the step's temporaries
     unsharded over-counted AdamW by 22%; taking the unsharded trace's backward peak instant under-counted Muon by
     5%, i.e. a run planned to fit that does not."""
-    from precondtune.modelfile import load_model_file
-
-    (tmp_path / "deep.py").write_text(DEEP_GPT.format(path=str(load_example("chargpt").path)))
-    mf = load_model_file(tmp_path / "deep.py")
+    mf = _model_file(tmp_path, "deep.py", DEEP_GPT.format(path=str(load_example("chargpt").path)))
     est = precondtune.estimate_memory(mf.path, name, batch_size=1, world_size=4, sharding="fsdp")
     real, real_step = _fsdp2_measured(mf, name, 4, 1)
     assert est["peak_phase"] == "backward"
@@ -365,10 +375,7 @@ def test_a_loss_selecting_by_a_boolean_mask_is_traced_at_its_largest(tmp_path, n
     from typer.testing import CliRunner
 
     from precondtune.cli import app
-    from precondtune.modelfile import load_model_file
-
-    (tmp_path / "masked.py").write_text(MASKED)
-    mf = load_model_file(tmp_path / "masked.py")
+    mf = _model_file(tmp_path, "masked.py", MASKED)
     est = precondtune.estimate_memory(mf.path, name, batch_size=BATCH)
 
     unpadded = mf.sample_batch
@@ -439,11 +446,8 @@ def loss_fn(model, batch):
 def test_a_model_mixing_parameter_dtypes_is_counted_in_each_dtype(tmp_path, name):
     """Weights, gradients, state and the traced peak of a bf16 model with fp32 layers equal a real run to the
     byte; before, every parameter was counted (and traced) in the first parameter's dtype."""
-    from precondtune.modelfile import load_model_file
-
-    (tmp_path / "mixed.py").write_text(MIXED)
-    mf = load_model_file(tmp_path / "mixed.py")
-    hp = {k: 2 if v == 1 else v for k, v in po.get_spec(name).every_step_refresh.items()}
+    mf = _model_file(tmp_path, "mixed.py", MIXED)
+    hp = _period_two(name)
     est = precondtune.estimate_memory(mf.path, name, batch_size=BATCH, hyperparameters=hp)
     model = mf.build()
     assert est["bytes"]["weights"] == sum(p.nbytes for p in model.parameters())
@@ -485,12 +489,8 @@ def loss_fn(model, batch):
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_a_model_with_frozen_parameters_is_traced_exactly(tmp_path, name):
     from precondtune.memory_trace import PhaseMemTracker
-    from precondtune.modelfile import load_model_file
-
-    path = tmp_path / "frozen.py"
-    path.write_text(FROZEN)
-    mf = load_model_file(path)
-    e = precondtune.estimate_memory(str(path), name, batch_size=BATCH)
+    mf = _model_file(tmp_path, "frozen.py", FROZEN)
+    e = precondtune.estimate_memory(mf.path, name, batch_size=BATCH)
     trainable = sum(p.numel() * 4 for p in mf.build().parameters() if p.requires_grad)
     assert e["bytes"]["gradients"] == trainable
     torch.manual_seed(0)
@@ -555,9 +555,7 @@ def loss_fn(model, batch):
 
 
 def test_a_userdict_batch_is_traced(tmp_path):
-    path = tmp_path / "ud.py"
-    path.write_text(USERDICT)
-    e = precondtune.estimate_memory(str(path), "adamw", batch_size=BATCH)
+    e = precondtune.estimate_memory(_model_file(tmp_path, "ud.py", USERDICT).path, "adamw", batch_size=BATCH)
     assert e["activations_traced"] and e["bytes"]["activations"] > 0
 
 
@@ -587,9 +585,7 @@ def loss_fn(model, batch):
 
 
 def test_a_plain_tensor_attribute_used_in_forward_is_traced(tmp_path):
-    path = tmp_path / "plain.py"
-    path.write_text(PLAIN_ATTR)
-    e = precondtune.estimate_memory(str(path), "adamw", batch_size=BATCH)
+    e = precondtune.estimate_memory(_model_file(tmp_path, "plain.py", PLAIN_ATTR).path, "adamw", batch_size=BATCH)
     assert e["activations_traced"] and e["bytes"]["optimizer_state"] == 2 * 42 * 4
 
 

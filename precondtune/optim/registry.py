@@ -168,9 +168,9 @@ def _python(value: Any) -> Any:
 
 
 def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
-    """What is wrong with ``value``'s type for the field ``key``, judged by the field's default and whether its
-    annotation admits None; None when nothing is (range checks are the Config's own). Accepted besides Python's
-    own types: numpy scalars and arrays, a 0-d tensor for a number (torch takes a tensor lr), inf for thresholds
+    """What is wrong with ``value``'s type for the field ``key`` (after :func:`_python`), judged by the field's
+    default and whether its annotation admits None; None when nothing is (range checks are the Config's own).
+    Accepted besides Python's own types: a 0-d tensor for a number (torch takes a tensor lr), inf for thresholds
     (``clip_threshold``, ``max_precond_dim``) but not for lr or weight decay, None for a bool (torch's "auto")."""
     f = next(f for f in dataclasses.fields(config_cls) if f.name == key)
     default = f.default if f.default is not dataclasses.MISSING else (
@@ -181,8 +181,8 @@ def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not isinstance(default, (bool, tuple, str)):
         value = value.item()
     if isinstance(default, bool):
-        return None if isinstance(value, (bool, np.bool_)) else "must be true or false"
-    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+        return None if isinstance(value, bool) else "must be true or false"
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if isinstance(default, int):
         if number and isinstance(value, float) and math.isinf(value) and value > 0:
             return None  # no limit (max_precond_dim)
@@ -192,7 +192,7 @@ def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
             return "must be a number"
         return "must be finite" if key in _FINITE and not math.isfinite(value) else None
     if isinstance(default, tuple):
-        return None if isinstance(value, (tuple, np.ndarray)) else "must be a list"
+        return None if isinstance(value, tuple) else "must be a list"
     if isinstance(default, str):
         return None if isinstance(value, str) else "must be a string"
     return None
