@@ -93,7 +93,10 @@ def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
         template = mf.build()
         batches = [mf.sample_batch(batch_size) for _ in range(steps)]
     evals = mf.eval_batches(batch_size)
-    return TrialData(mf, template.cpu(), batches, evals, torch.device(device), seed)
+    device = torch.device(device)
+    if device.type == "cpu":  # moved once here, so the training loop and evaluation need not move them again
+        batches, evals = [move_to(b, device) for b in batches], [move_to(b, device) for b in evals]
+    return TrialData(mf, template.cpu(), batches, evals, device, seed)
 
 
 @dataclass
@@ -138,7 +141,7 @@ def evaluate(mf: ModelFile, model: nn.Module, batches: list[Any], device: torch.
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             total = sum(float(mf.loss(model, move_to(b, device))) for b in batches)
     finally:
         model.train(was_training)
@@ -151,8 +154,8 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
           diverge_factor: float = DIVERGE_FACTOR) -> TrainResult:
     """Train a fresh copy of the seeded model for ``schedule.steps`` steps and evaluate it.
 
-    Every ``report_every`` steps ``callback(step, mean loss of the last report_every steps)`` is called; a string
-    it returns stops the run with that reason (a pruner's verdict). Exceptions propagate to the caller.
+    Every ``report_every`` steps before the last, ``callback(step, mean loss of the last report_every steps)`` is
+    called; a string it returns stops the run with that reason (a pruner's verdict). Exceptions propagate.
     """
     t_start = time.perf_counter()
     mf, device = data.mf, data.device
@@ -169,7 +172,9 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
     limit = float("inf")
     window = 0.0
     for step in range(schedule.steps):
-        batch = move_to(data.batches[step % len(data.batches)], device)
+        batch = data.batches[step % len(data.batches)]
+        if device.type != "cpu":
+            batch = move_to(batch, device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = mf.loss(model, batch)
@@ -198,7 +203,7 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
             mean = window / report_every
             window = 0.0
             result.reports[step + 1] = mean
-            if callback is not None:
+            if callback is not None and step + 1 < schedule.steps:  # a verdict at the last step saves no step
                 verdict = callback(step + 1, mean)
                 if verdict:
                     result.stop_reason = verdict

@@ -78,6 +78,18 @@ def test_callback_reports_window_means_and_can_stop(mlp_data):
     assert r.stop_reason == "stop here" and r.steps_run == 8 and r.eval_loss is None
 
 
+def test_no_verdict_is_asked_at_the_last_step(mlp_data):
+    # stopping after the last step would save nothing and lose the run's eval loss; its window is still recorded
+    seen = []
+    r = train(mlp_data, "adamw", {"lr": 1e-3}, schedule=Schedule(12), report_every=4,
+              callback=lambda step, value: seen.append(step) or "stop")
+    assert seen == [4]
+    r = train(mlp_data, "adamw", {"lr": 1e-3}, schedule=Schedule(12), report_every=4,
+              callback=lambda step, value: seen.append(step) and None)
+    assert seen == [4, 4, 8] and sorted(r.reports) == [4, 8, 12]
+    assert r.stop_reason is None and r.eval_loss is not None
+
+
 def test_sophia_hessian_hook_is_driven_by_the_loop(mlp_data):
     if "sophia" not in po.available():
         pytest.skip("sophia not registered")
