@@ -349,6 +349,7 @@ class MemoryPlanner:
             knobs = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in po.get_spec(n).every_step_refresh.items())
                               for n in refreshing)
             notes.append(f"step traced as a refresh step ({knobs}): the largest step, whatever the refresh period")
+        upcast, upcast_dtype = 0, ""
         if traced is None:
             step_trace, step_how, temporaries = Trace(), "not traced (needs a batch: the optimizer hooks the model)", 0
         else:
@@ -358,11 +359,9 @@ class MemoryPlanner:
                              for k in ("Parameter", "Buffer", "Gradient", "Optstate", "Other"))
             temporaries = max(0, step_peak - persistent)
             cast = [i for i in self.m.infos if self._g(i.dtype) != self._updated(i.dtype)]
-            if cast:  # gradients cast to the updated copy's dtype for the step
+            if cast:  # gradients cast to the updated copy's dtype for the step (added below, per GPU)
                 upcast = sum(_nbytes(i.shape, self._updated(i.dtype)) for i in cast)
-                temporaries += upcast
-                notes.append(f"gradients cast to {dtype_name(self._updated(cast[0].dtype))} for the step "
-                             f"(+{upcast} B)")
+                upcast_dtype = dtype_name(self._updated(cast[0].dtype))
         if self.state_dtype is not None and state != traced_state_dtype_state:
             notes.append(f"state traced in {dtype_name(self.step_dtype)}, counted in {dtype_name(self.state_dtype)}")
 
@@ -392,6 +391,11 @@ class MemoryPlanner:
                 notes.append("fsdp: all-gathered units counted (root parameters and two blocks: current and "
                              "prefetched; in backward also one block's gradients and its reduce-scatter input)")
 
+        if upcast:  # each GPU casts the gradients of the parameters it updates: its shard under ZeRO/FSDP
+            upcast = _shard(upcast, n_world) if s.sharding != "none" else upcast
+            temporaries += upcast
+            notes.append(f"gradients cast to {upcast_dtype} for the step (+{upcast} B"
+                         f"{' per GPU' if s.sharding != 'none' and n_world > 1 else ''} in step_temporaries)")
         fb = self.forward_backward(s.batch_size)
         batch_bytes = self._batch_bytes.get(s.batch_size, 0)
         phases: dict[str, int] = {}

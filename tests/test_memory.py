@@ -203,6 +203,25 @@ def test_precision_and_sharding_change_the_right_components():
     assert any("gathered" in n for n in muon["notes"])
 
 
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_the_gradient_upcast_for_master_weights_is_per_gpu_under_sharding(name):
+    """bf16 gradients are cast to fp32 only for the parameters a GPU updates: its shard under ZeRO/FSDP, whether
+    the optimizer is elementwise or not (Muon's own step temporaries stay unsharded)."""
+    mf = load_example("chargpt")
+    kw = dict(batch_size=BATCH, param_dtype="bf16", master_weights=True)
+    one = precondtune.estimate_memory(mf.path, name, **kw)
+    four = precondtune.estimate_memory(mf.path, name, world_size=4, sharding="zero2", **kw)
+    params = sum(p.numel() for p in mf.build().parameters() if p.requires_grad)
+    assert f"gradients cast to fp32 for the step (+{4 * params} B in step_temporaries)" in one["notes"]
+    assert f"gradients cast to fp32 for the step (+{-(-4 * params // 4)} B per GPU in step_temporaries)" \
+        in four["notes"]
+    if name == "muon":
+        gathered = next(n for n in four["notes"] if "is gathered" in n)
+        extra = int(gathered.split("(+")[1].split(" B")[0])
+        assert four["bytes"]["step_temporaries"] == (one["bytes"]["step_temporaries"] - 4 * params
+                                                     + -(-4 * params // 4) + extra)
+
 def test_checkpoint_blocks_reduces_activations():
     mf = load_example("chargpt")
     plain = precondtune.estimate_memory(mf.path, "adamw", batch_size=BATCH)["bytes"]["activations"]
