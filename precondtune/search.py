@@ -725,7 +725,9 @@ def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSe
 
 def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int, index: int, threads: int,
             existing: int) -> None:
-    """One extra ``--workers`` process: its share of the new trials on the same study."""
+    """One extra ``--workers`` process: its share of the new trials on the same study. What the model file prints
+    goes to stderr: the parent's stdout may be carrying a ``--json`` document."""
+    sys.stdout = sys.stderr
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")

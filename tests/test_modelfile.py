@@ -124,3 +124,24 @@ def test_console_script_usage_errors_are_one_line_and_exit_2():
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
         assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_what_a_model_file_prints_goes_to_stderr_under_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "chatty.py"
+    path.write_text(
+        "import torch\nimport torch.nn.functional as F\nprint('loading my model...')\n"
+        "def build_model():\n    print('building')\n    return torch.nn.Linear(8, 4)\n"
+        "def sample_batch(n):\n    return torch.randn(n, 8), torch.randint(4, (n,))\n"
+        "def loss_fn(model, batch):\n    print('loss!')\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
+    for args in (["memory", str(path), "-o", "adamw", "--json"], ["profile", str(path), "--json", "--steps", "1"]):
+        r = subprocess.run([sys.executable, "-m", "precondtune", *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        json.loads(r.stdout)  # the document alone
+        assert "building" in r.stderr and "building" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "precondtune", "memory", str(path), "-o", "adamw"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "building" in r.stdout  # without --json prints stay where the file put them

@@ -45,7 +45,7 @@ def main() -> None:
     abort = getattr(click_exceptions, "Abort", KeyboardInterrupt)
     exit_ = getattr(click_exceptions, "Exit", SystemExit)
     try:
-        code = app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
+        code = _run_app()
     except usage_error as e:
         message = e.format_message().strip()
         if not message:  # `precondtune` alone: the help was shown
@@ -59,3 +59,21 @@ def main() -> None:
     except exit_ as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run_app() -> object:
+    """``app`` with, under ``--json``, stdout carrying the JSON document alone: whatever else is printed (a model
+    file's prints) goes to stderr."""
+    import sys
+    from contextlib import redirect_stdout
+
+    from . import common
+
+    if "--json" not in sys.argv[1:]:
+        return app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
+    common.JSON_OUT = sys.stdout
+    try:
+        with redirect_stdout(sys.stderr):
+            return app(standalone_mode=False)
+    finally:
+        common.JSON_OUT = None

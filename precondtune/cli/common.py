@@ -89,10 +89,16 @@ def _plain(v: Any) -> Any:
     return v
 
 
+JSON_OUT: Any = None
+"""Where :func:`emit_json` writes: the process's stdout, set by ``cli.main`` before it sends everything else
+printed under ``--json`` (a model file's prints) to stderr; ``None``: ``sys.stdout`` (e.g. typer's test runner)."""
+
+
 def emit_json(doc: dict[str, Any]) -> None:
     """The one JSON document on stdout (non-finite floats become null)."""
-    sys.stdout.write(json.dumps(_plain(doc), indent=2) + "\n")
-    sys.stdout.flush()
+    out = JSON_OUT or sys.stdout
+    out.write(json.dumps(_plain(doc), indent=2) + "\n")
+    out.flush()
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]], *, caption: str | None = None) -> Table:
