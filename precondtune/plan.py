@@ -38,13 +38,13 @@ from .memory import MemorySettings, plan_memory
 from .modelfile import ModelFile
 from .profiling import Profile, profile_model, resolve_device
 from .search import (
-    INTERRUPTED,
     AdamWReference,
     Knobs,
     Objective,
     SearchResult,
     SearchSettings,
     fallback_routing,
+    interrupted,
     open_storage,
     parse_assignments,
     run_search,
@@ -215,10 +215,7 @@ def _study_name(settings: PlanSettings, mf: ModelFile, name: str, fixed: tuple[s
 
 def _counts_toward_trials(t: optuna.trial.FrozenTrial) -> bool:
     """A finished trial, except one failed by a Ctrl-C: an interrupted trial is re-run on resume."""
-    if not t.state.is_finished():
-        return False
-    return not (t.state == optuna.trial.TrialState.FAIL
-                and str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED))
+    return t.state.is_finished() and not interrupted(t)
 
 
 def _finished_trials(url: str | None, study: str) -> int:

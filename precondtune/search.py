@@ -40,6 +40,7 @@ import optuna
 import pandas as pd
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from .errors import ConfigError, PrecondtuneError
@@ -66,6 +67,9 @@ REPORTS_PER_TRIAL = 10
 """Intermediate values per trial (each a mean training loss over its window) offered to the pruner."""
 INTERRUPTED = "interrupted"
 """How the ``fail_reason`` of a trial stopped by Ctrl-C begins (``plan`` re-runs such a trial on resume)."""
+STOPPED = "its process stopped before the trial ended (killed); its config is re-run once on resume"
+"""The reason shown for a trial failed by the heartbeat check (it has no ``fail_reason``: nothing was left to write
+it)."""
 RESULT_ATTR = "result"
 """The trial user attr holding what its run measured: steps_run, start_loss, median_step_seconds, train_seconds,
 trial_seconds, final_train_loss. Alongside it: ``hyperparameters`` (the full Config), ``pruned_reason`` or
@@ -651,8 +655,10 @@ def _study_attrs(mf: ModelFile, settings: SearchSettings, spec: OptimizerSpec, p
                                "warmup": settings.schedule().warmup_steps, "decay": settings.decay}}
 
 
-def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, pruner: Any) -> optuna.Study:
-    """Load ``name`` (checking it was made for this optimizer, model and trial settings) or create it."""
+def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, pruner: Any, *,
+               create: bool = True) -> optuna.Study:
+    """Load ``name`` (checking it was made for this optimizer, model and trial settings) or, with ``create``,
+    create it."""
     try:
         ref.storage.get_study_id_from_name(name)
         existing = True
@@ -660,6 +666,9 @@ def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, 
         existing = False
     except Exception as e:
         raise ConfigError(f"--storage {ref.url}: cannot read it ({_one_line(e)})") from e
+    if not existing and not create:
+        raise ConfigError(f"there is no study {name!r} in {ref.url} to show (--trials 0 adds nothing); check "
+                          "--study-name and --storage, or run with --trials N to start it")
     if existing:
         study = optuna.load_study(study_name=name, storage=ref.storage, sampler=sampler, pruner=pruner)
         old = study.user_attrs
@@ -682,6 +691,11 @@ def _field_backed(param: str, knobs: Knobs) -> bool:
     (``one_minus_beta1/2`` through ``betas``, see :meth:`Objective.config`)."""
     inner = param.removeprefix("one_minus_")
     return param in knobs.fields or inner in knobs.fields or param in ("one_minus_beta1", "one_minus_beta2")
+
+
+def interrupted(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``t`` was failed by a Ctrl-C (re-run on resume)."""
+    return t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
 
 
 def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSettings) -> None:
@@ -707,8 +721,11 @@ def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSe
         # an exact start is the same start whatever params it recorded (older studies lack newer knobs)
         return json.dumps([config, overrides, params if config is None else None], sort_keys=True, default=str)
 
-    seen = {key(t.user_attrs.get("enqueued_config"), t.user_attrs.get("overrides", {}), t.params)
-            for t in study.get_trials(deepcopy=False) if "enqueued" in t.user_attrs}
+    # a start that ran, runs or waits is not queued again — unless a Ctrl-C stopped it (a killed one is re-run by
+    # the heartbeat check); an --enqueue start is known by the params it was queued with, not by all it sampled
+    seen = {key(t.user_attrs.get("enqueued_config"), t.user_attrs.get("overrides", {}),
+                t.user_attrs.get("enqueued_params", t.params))
+            for t in study.get_trials(deepcopy=False) if "enqueued" in t.user_attrs and not interrupted(t)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for label, params, config, overrides in starts:
@@ -720,6 +737,8 @@ def _enqueue_warm_starts(study: optuna.Study, obj: Objective, settings: SearchSe
             attrs: dict[str, Any] = {"enqueued": label, "overrides": overrides}
             if config is not None:
                 attrs["enqueued_config"] = config
+            else:
+                attrs["enqueued_params"] = params
             study.enqueue_trial(params, user_attrs=attrs)
 
 
@@ -743,6 +762,17 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
                        callbacks=_observers(study.pruner))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it in one line
         sys.exit(130)
+
+
+def _fail_stale_trials(study: optuna.Study) -> int:
+    """Fail the RUNNING trials whose heartbeat went stale (a killed run's), which queues each one's config again
+    once, before this run counts its trials; returns how many such re-runs wait in the study."""
+    if not is_heartbeat_enabled(study._storage):
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+    return sum("failed_trial" in t.system_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def is_shared(ref: StorageRef, workers: int) -> bool:
@@ -832,7 +862,8 @@ def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None =
         ua, measured = t.user_attrs, _measured(t)
         row: dict[str, Any] = {
             "number": t.number, "state": t.state.name, "value": t.value,
-            "reason": ua.get("pruned_reason") or ua.get("fail_reason") or "",
+            "reason": ua.get("pruned_reason") or ua.get("fail_reason") or (STOPPED if t.state == TrialState.FAIL
+                                                                           else ""),
             "enqueued": ua.get("enqueued", ""), "steps_run": measured.get("steps_run"),
             "median_step_seconds": measured.get("median_step_seconds"),
             "train_seconds": measured.get("train_seconds"), "trial_seconds": measured.get("trial_seconds"),
@@ -927,10 +958,16 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
         build(obj.spec.name, model, routing=obj.routing)
     del model
     _, trainable = count_parameters(data.template)
-    ref = open_storage(settings.storage, workers=settings.workers)
     name = settings.study_name or f"{mf.name}-{obj.spec.name}"
+    url = storage_url(settings.storage)
+    if settings.trials == 0 and url.startswith("sqlite:///") and not _is_memory(url) \
+            and not Path(url[len("sqlite:///"):]).exists():
+        raise ConfigError(f"there is no study {name!r} in {url} to show: the file does not exist (--trials 0 adds "
+                          "nothing); check --storage, or run with --trials N to start the study")
+    ref = open_storage(settings.storage, workers=settings.workers)
     attrs = _study_attrs(mf, settings, obj.spec, trainable)
-    study = open_study(ref, name, attrs, None, pruner)
+    study = open_study(ref, name, attrs, None, pruner, create=settings.trials > 0)
+    retries = _fail_stale_trials(study) if settings.trials > 0 else 0
     # trials this run did not start: finished ones, and RUNNING ones (another worker's, or a killed run's that
     # the heartbeat check will fail) — none of them counts as this run's new trials
     before = {t.number: t.state for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING}
@@ -941,8 +978,8 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     if settings.trials > 0:  # --trials 0 shows the study as it is and adds nothing to it
         _enqueue_warm_starts(study, obj, settings)
 
-    shares = [settings.trials // settings.workers + (k < settings.trials % settings.workers)
-              for k in range(settings.workers)]
+    total = settings.trials + retries  # a killed run's trial re-run by the heartbeat check is not a new trial
+    shares = [total // settings.workers + (k < total % settings.workers) for k in range(settings.workers)]
     procs = []
     if settings.workers > 1:
         ctx = multiprocessing.get_context("spawn")
@@ -965,7 +1002,7 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
             tally.add(trial)  # one process: its own trial is all that changed since the last call
         else:
             tally.sync(study)  # first call, or other workers' trials
-        progress(len(tally.states), settings.trials, tally.best,
+        progress(len(tally.states), total, tally.best,
                  sum(st == TrialState.PRUNED for st in tally.states.values()),
                  sum(st == TrialState.FAIL for st in tally.states.values()))
 

@@ -21,6 +21,7 @@ from optuna.trial import FixedTrial, TrialState
 from typer.testing import CliRunner
 
 import precondtune.optim as po
+from precondtune.errors import ConfigError
 from precondtune.cli import app
 from precondtune.modelfile import load_model_file
 from precondtune.search import (
@@ -408,15 +409,46 @@ def test_a_running_trial_left_by_a_killed_run_is_not_counted_as_new(tiny_model, 
     calls = []
     r = run_search(mf, settings, progress=lambda *a: calls.append(a))
     states = dict(zip(r.frame["number"], r.frame["state"]))
-    assert states[zombie.number] == "FAIL"  # failed by the heartbeat check, then retried once
-    assert sum(r.new.values()) == 2 and calls[-1][0] == 2
+    reasons = dict(zip(r.frame["number"], r.frame["reason"]))
+    assert states[zombie.number] == "FAIL" and reasons[zombie.number] == search.STOPPED  # failed by the check
+    study = optuna.load_study(study_name="k", storage=ref.storage)
+    retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == zombie.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE  # its config re-run once ...
+    assert sum(r.new.values()) == 3 and calls[-1][:2] == (3, 3)  # ... on top of the 2 new trials asked for
+    assert r.counts["waiting"] == 0
 
 
 def test_trials_0_shows_the_study_and_adds_nothing(tiny_model, tmp_path):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    r = run_search(load_model_file(tiny_model), SearchSettings(optimizer="adamw", trials=0, storage=url,
-                                                                study_name="z"))
-    assert r.counts == {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+    mf = load_model_file(tiny_model)
+    with pytest.raises(ConfigError, match="no study 'z'"):  # a mistyped name or storage creates nothing
+        run_search(mf, SearchSettings(optimizer="adamw", trials=0, storage=url, study_name="z"))
+    assert not (tmp_path / "studies.db").exists()
+    run_search(mf, SearchSettings(optimizer="adamw", trials=1, steps=4, storage=url, study_name="z"))
+    with pytest.raises(ConfigError, match="no study 'y'"):
+        run_search(mf, SearchSettings(optimizer="adamw", trials=0, steps=4, storage=url, study_name="y"))
+    r = run_search(mf, SearchSettings(optimizer="adamw", trials=0, steps=4, storage=url, study_name="z"))
+    assert r.counts == {"complete": 1, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+
+
+def test_warm_starts_are_queued_once_and_again_after_a_ctrl_c(tiny_model, tmp_path, monkeypatch):
+    from precondtune import search
+
+    mf = load_model_file(tiny_model)
+    settings = SearchSettings(optimizer="adamw", trials=2, steps=4, batch_size=16, pruner="none", study_name="w",
+                              storage=f"sqlite:///{tmp_path / 'studies.db'}", enqueue=("lr=0.01",))
+    real = search.train
+    monkeypatch.setattr(search, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the first trial: the defaults
+        run_search(mf, settings)
+    monkeypatch.setattr(search, "train", real)
+    run_search(mf, settings)
+    run_search(mf, settings)  # a rerun queues no start again
+    trials = optuna.load_study(study_name="w", storage=settings.storage).get_trials()
+    starts = [(t.user_attrs["enqueued"], t.state) for t in trials if "enqueued" in t.user_attrs]
+    assert starts == [("defaults", TrialState.FAIL), ("--enqueue lr=0.01", TrialState.COMPLETE),
+                      ("defaults", TrialState.COMPLETE)]
+    assert len(trials) == 5
 
 
 def test_a_failed_trial_shows_dashes_not_nan_in_the_table(tiny_model, monkeypatch):

@@ -13,6 +13,7 @@ ORDER = ("plan", "optimizers", "gpus", "profile", "memory", "flops", "tune", "tr
 
 app = typer.Typer(
     name="precondtune", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: install hints such as 'precondtune[samplers]' keep brackets
     help="Plan, cost and tune preconditioned optimizers (Muon, SOAP, Shampoo, Adam-mini, Sophia, ...) "
          "before a training run. Importing a model file runs its code, as `python model.py` would.",
 )

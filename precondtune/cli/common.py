@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -63,7 +64,7 @@ def handle_errors(debug: bool) -> Iterator[None]:
     except PrecondtuneError as e:
         if debug:
             raise
-        stderr.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        stderr.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted", highlight=False)
@@ -72,7 +73,7 @@ def handle_errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
-        stderr.print(f"[red]error:[/red] {msg} (rerun with --debug for the traceback)", highlight=False,
+        stderr.print(f"[red]error:[/red] {escape(msg)} (rerun with --debug for the traceback)", highlight=False,
                      soft_wrap=True)
         raise typer.Exit(1) from None
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import optuna
 import typer
+from rich.markup import escape
 
 from ...errors import ConfigError
 from ...modelfile import load_model_file
@@ -104,7 +105,7 @@ def command(
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         mf = load_model_file(model)
         with progress(enabled=stderr.is_terminal) as update:
-            result = plan(mf, settings, progress=update, log=lambda m: stderr.print(m, highlight=False))
+            result = plan(mf, settings, progress=update, log=lambda m: stderr.print(m, highlight=False, markup=False, soft_wrap=True))
         result.command = "precondtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
         target = out or Path("reports") / f"{mf.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         files = write_outputs(result, target, fmt.lower())
@@ -131,9 +132,9 @@ def command(
                                  f"{c.spread:.4f}" if c.rank_losses else "-", c.rank_steps or "-",
                                  human_bytes(c.memory["bytes"]["total_peak"]), c.status] for c in rows]))
             if result.winner:
-                stdout.print(f"recommended: [bold]{result.winner}[/bold] — {result.reason}", highlight=False)
+                stdout.print(f"recommended: [bold]{result.winner}[/bold] — {escape(result.reason)}", highlight=False)
             else:
-                stdout.print(f"no recommendation: {result.reason}", highlight=False)
+                stdout.print(f"no recommendation: {result.reason}", highlight=False, markup=False)
             stdout.print(f"wrote {target}/ ({', '.join(p.name for p in files.values())})", highlight=False)
         if not any(c.fits for c in result.candidates) or (result.winner is None and not result.meta):
             raise typer.Exit(1)

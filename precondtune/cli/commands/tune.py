@@ -101,12 +101,12 @@ def _render(r: SearchResult, top: int) -> None:
                                f"{r.steps * (c['pruned'] + c['complete'])} steps"))
     if r.best_value is None:
         stderr.print(f"no trial completed{'; first failure: ' + r.first_failure if r.first_failure else ''}",
-                     highlight=False)
+                     highlight=False, markup=False, soft_wrap=True)
     else:
         what = f"seed median eval loss {r.best_value:.4f}" if r.seed_runs else f"eval loss {r.best_value:.4f}"
         stdout.print(f"best: trial {r.best_trial}, {what}: "
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in (r.best_hyperparameters or {}).items()),
-                     highlight=False, soft_wrap=True)
+                     highlight=False, soft_wrap=True, markup=False)
 
 
 def command(
@@ -150,9 +150,9 @@ def command(
         task = bar.add_task(f"tune {optimizer}", total=trials)
 
         def on_study(name: str, url: str) -> None:
-            hint = "" if url == "memory" or url.endswith(":memory:") else \
+            hint = "" if url in ("memory", ":memory:", "sqlite://") or url.endswith(":memory:") else \
                 f" (resume: --study-name {name} --storage {url})"
-            stderr.print(f"study {name} in {url}{hint}", highlight=False, soft_wrap=True)
+            stderr.print(f"study {name} in {url}{hint}", highlight=False, soft_wrap=True, markup=False)
 
         def progress(done: int, total: int, best: float | None, pruned: int, failed: int) -> None:
             best_s = "-" if best is None else f"{best:.4f}"
