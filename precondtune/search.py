@@ -46,7 +46,7 @@ from optuna.trial import TrialState
 from .errors import ConfigError, PrecondtuneError
 from .inventory import count_parameters
 from .modelfile import ModelFile, _one_line, load_model_file, move_to
-from .optim import OptimizerSpec, build, config_dict, get_spec
+from .optim import OptimizerSpec, build, config_dict, get_spec, make_config
 from .profiling import resolve_device
 from .training import Schedule, TrialData, prepare, train
 
@@ -402,11 +402,9 @@ class Knobs:
                     for k, b in enumerate(value[:2]):
                         if f"one_minus_beta{k + 1}" in self.params and isinstance(b, (int, float)):
                             params[f"one_minus_beta{k + 1}"] = 1 - b
-        if fields:
-            try:
-                dataclasses.replace(self.spec.default_config(), **fields)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{option}: {self.spec.name}: {e}") from e
+        if fields:  # types and ranges as a config file's are checked, naming the key
+            make_config(self.spec.config_cls, {**config_dict(self.spec.default_config()), **fields},
+                        where=f"{option}: {self.spec.name}")
         return params, fields
 
     def params_of(self, config: Any) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from optuna.trial import FixedTrial, TrialState
 from typer.testing import CliRunner
 
 import precondtune.optim as po
-from precondtune.errors import ConfigError
 from precondtune.cli import app
+from precondtune.errors import ConfigError
 from precondtune.modelfile import load_model_file
 from precondtune.search import (
     AdamWReference,
@@ -199,6 +199,13 @@ def _tune(*args):
     (["--workers", "2", "--storage", "memory"], "in memory"),
     (["--optimizer", "nosuch"], "valid:"),
     (["--optimizer", "shampoo", "--adam-lr", "1e-3", "--adam-betas", "0.9,0"], "no valid shampoo config"),
+    (["--set", "eps=true"], "eps=True must be a number"),
+    (["--set", "lr=abc"], "lr='abc' must be a number"),
+    (["--set", "lr=inf"], "must be finite"),
+    (["--optimizer", "muon", "--set", "ns_steps=true"], "must be an integer"),
+    (["--enqueue", "eps=true"], "must be a number"),
+    (["--csv", "."], "is a directory"),
+    (["--csv", ""], "is empty"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)

@@ -78,6 +78,24 @@ def handle_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def check_writable(path: str, option: str) -> None:
+    """Fail before any work when ``path`` cannot be written later: empty, a directory, or under a file or an
+    unwritable directory (missing directories are made when it is written)."""
+    import os
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    target = Path(path)
+    if not path.strip() or target.is_dir():
+        raise ConfigError(f"{option} {path!r} is {'empty' if not path.strip() else 'a directory'}; give a file "
+                          f"name such as {target / 'trials.csv' if path.strip() else 'trials.csv'}")
+    blocker = next(a for a in target.absolute().parents if a.exists())
+    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
+        why = "is a file, not a directory" if not blocker.is_dir() else "is not writable"
+        raise ConfigError(f"{option} {path}: {blocker} {why}; give a path in a writable directory")
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None

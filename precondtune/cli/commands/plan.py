@@ -105,7 +105,8 @@ def command(
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         mf = load_model_file(model)
         with progress(enabled=stderr.is_terminal) as update:
-            result = plan(mf, settings, progress=update, log=lambda m: stderr.print(m, highlight=False, markup=False, soft_wrap=True))
+            result = plan(mf, settings, progress=update,
+                          log=lambda m: stderr.print(m, highlight=False, markup=False, soft_wrap=True))
         result.command = "precondtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
         target = out or Path("reports") / f"{mf.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         files = write_outputs(result, target, fmt.lower())

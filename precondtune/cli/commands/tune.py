@@ -8,6 +8,7 @@ import optuna
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ...config import write_text_atomic
 from ...modelfile import load_model_file
 from ...search import TOP_FOR_SEEDS, SearchResult, SearchSettings, adamw_reference, run_search
 from ..common import (
@@ -33,6 +34,7 @@ from ..common import (
     TrialStepsOpt,
     WarmupOpt,
     WorkersOpt,
+    check_writable,
     emit_json,
     handle_errors,
     stderr,
@@ -144,6 +146,8 @@ def command(
             enqueue=tuple(enqueue or ()), seeds=seeds, adamw=adamw_reference(adam_lr, adam_betas, adam_weight_decay),
             sampler=sampler.lower(), pruner=pruner.lower(), warmup=warmup, decay=decay.lower(), device=device,
             seed=seed)
+        if csv is not None:
+            check_writable(csv, "--csv")
         mf = load_model_file(model)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        console=stderr, transient=True, disable=not stderr.is_terminal)
@@ -164,7 +168,7 @@ def command(
         with bar:
             result = run_search(mf, settings, progress=progress, on_study=on_study)
         if csv:
-            result.frame.to_csv(csv, index=False)
+            write_text_atomic(csv, result.frame.to_csv(index=False))
         if json_:
             emit_json(result.as_json())
         else:
