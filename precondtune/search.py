@@ -48,7 +48,7 @@ from .inventory import count_parameters
 from .modelfile import ModelFile, _one_line, load_model_file, move_to
 from .optim import OptimizerSpec, build, config_dict, get_spec, make_config
 from .profiling import resolve_device
-from .training import Schedule, TrialData, prepare, train
+from .training import Schedule, TrialData, find_hook, prepare, train
 
 DEFAULT_STORAGE = "sqlite:///precondtune-studies.db"
 HEARTBEAT_SECONDS = 10
@@ -762,6 +762,24 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
         sys.exit(130)
 
 
+def _check_hook(obj: Objective, model: torch.nn.Module, data: TrialData) -> None:
+    """Build the study's starting config once — paying torch's one-time lazy imports (torch.optim loads
+    torch._dynamo, ≈ 1 s on CPU) here, not in trial 0 — and run the training-loop hook it needs (Sophia's Hessian
+    estimate) on the first batch: what the model file lacks for it (``logits_fn``) stops the search before a study
+    is written. A config that cannot build or step fails its trials instead, each with the reason."""
+    hp = {**config_dict(obj.base or obj.spec.default_config()), **obj.fixed_fields}
+    try:
+        opt = build(obj.spec.name, model, routing=obj.routing, **hp)
+        hook = find_hook(opt)
+        if hook is not None:
+            batch = move_to(data.batches[0], data.device)
+            hook(opt, model, batch, obj.mf.raw_loss, obj.mf.logits_fn)
+    except PrecondtuneError:
+        raise
+    except Exception:
+        pass
+
+
 def _fail_stale_trials(study: optuna.Study) -> int:
     """Fail the RUNNING trials whose heartbeat went stale (a killed run's), which queues each one's config again
     once, before this run counts its trials; returns how many such re-runs wait in the study."""
@@ -951,9 +969,7 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     data = obj.data
     model = copy.deepcopy(data.template).to(data.device)
     mf.check_first_step(model, move_to(data.batches[0], data.device))
-    with contextlib.suppress(Exception):  # a config that cannot build fails its trials, with the reason, below
-        # pays torch's one-time lazy imports (torch.optim loads torch._dynamo, ≈ 1 s on CPU) here, not in trial 0
-        build(obj.spec.name, model, routing=obj.routing)
+    _check_hook(obj, model, data)
     del model
     _, trainable = count_parameters(data.template)
     name = settings.study_name or f"{mf.name}-{obj.spec.name}"

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modelfile import ModelFile, move_to
+from .errors import ConfigError
+from .modelfile import ModelFile, is_meta, move_to
 from .optim import build
 from .profiling import synchronize
 
@@ -91,6 +92,10 @@ def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         template = mf.build()
+        if is_meta(template):
+            raise ConfigError(f"{mf.path}: the model is on the meta device (no weights), so it cannot be trained; "
+                              "make build_model return a runnable model (e.g. a smaller config on CPU) to tune it "
+                              "— memory and flops plan meta models as they are")
         batches = [mf.sample_batch(batch_size) for _ in range(steps)]
     evals = mf.eval_batches(batch_size)
     device = torch.device(device)

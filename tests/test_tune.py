@@ -486,3 +486,21 @@ def test_a_worker_process_exits_130_on_ctrl_c_without_a_traceback(monkeypatch, c
     with pytest.raises(SystemExit) as e:
         search._worker("m.py", SearchSettings(optimizer="adamw"), "s", 1, 1, 1, 0)
     assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
+def test_what_the_model_file_lacks_for_a_search_stops_it_before_a_study_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    meta = runner.invoke(app, ["tune", str(EXAMPLES / "llama7b_meta.py"), "--trials", "1", "--steps", "2"])
+    assert meta.exit_code == 2 and "meta device" in meta.stderr and meta.stderr.strip().count("\n") == 0
+    (tmp_path / "m").mkdir()
+    model = tmp_path / "m" / "nologits.py"
+    model.write_text("import torch\nimport torch.nn.functional as F\n"
+                     "def build_model():\n    return torch.nn.Linear(4, 3)\n"
+                     "def sample_batch(n):\n    return torch.randn(n, 4), torch.randint(3, (n,))\n"
+                     "def loss_fn(model, batch):\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
+    sophia = runner.invoke(app, ["tune", str(model), "-o", "sophia", "--trials", "1", "--steps", "2"])
+    assert sophia.exit_code == 2 and "--set estimator=hutchinson" in sophia.stderr, sophia.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no study file
+    ok = runner.invoke(app, ["tune", str(model), "-o", "sophia", "--trials", "1", "--steps", "2", "--storage",
+                             "memory", "--set", "estimator=hutchinson"])
+    assert ok.exit_code == 0, ok.stderr

@@ -112,8 +112,8 @@ def gnb_estimate(params: list[Tensor], model: nn.Module, batch: Any,
     """Gauss–Newton–Bartlett: ĥ = B·ĝ⊙ĝ with ĝ = ∇ mean CE(logits, ŷ), ŷ ~ softmax(logits) (Algorithm 2)."""
     if logits_fn is None:
         raise ConfigError("Sophia's Gauss-Newton-Bartlett estimator samples labels from the model's logits: "
-                          "define logits_fn(model, batch) in the model file (or pass logits_fn=), or use "
-                          "estimator='hutchinson'")
+                          "define logits_fn(model, batch) in the model file, or use the Hutchinson estimator "
+                          "(--set estimator=hutchinson; in Python estimator='hutchinson')")
     with torch.enable_grad():
         logits = logits_fn(model, batch)
         if not torch.is_tensor(logits) or logits.dim() < 2:
