@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UnknownNameError
+from .errors import ConfigError, UnknownNameError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,8 +71,10 @@ def profiles() -> dict[str, GPUProfile]:
     for d in _profile_dirs():
         for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
             raw = tomllib.loads(path.read_text())
-            figs = {k: Figure(float(raw[k]["value"]), raw[k]["source"], raw[k].get("unit", ""))
-                    for k in ("memory_bytes", "memory_bandwidth", "bf16_flops", "fp32_flops")}
+            figs = {k: Figure(float(raw[k]["value"]), raw[k]["source"], raw[k].get("unit", unit))
+                    for k, unit in (("memory_bytes", "bytes"), ("memory_bandwidth", "bytes/s"),
+                                    ("bf16_flops", "FLOP/s"), ("fp32_flops", "FLOP/s"))}
+            figs["memory_bytes"] = replace(figs["memory_bytes"], value=int(figs["memory_bytes"].value))
             prof = GPUProfile(name=raw["name"], title=raw.get("title", raw["name"]), aliases=tuple(raw.get("aliases", ())),
                               nvml_names=tuple(raw.get("nvml_names", ())), path=str(path), **figs)
             out.setdefault(prof.name, prof)
@@ -85,6 +87,13 @@ def resolve_profile(name: str) -> GPUProfile:
     for prof in profiles().values():
         if key in {_key(prof.name), *(_key(a) for a in prof.aliases)}:
             return prof
+    # a prefix of one profile's name or alias (``l40`` -> l40s); of several (``a100``: 40 or 80 GB) it is an error
+    starts = sorted({p.name for p in profiles().values()
+                     if key and any(k.startswith(key) for k in (_key(p.name), *(_key(a) for a in p.aliases)))})
+    if len(starts) == 1:
+        return profiles()[starts[0]]
+    if starts:
+        raise ConfigError(f"GPU profile {name!r} matches {', '.join(starts)}; name one of them")
     raise UnknownNameError("GPU profile", name, sorted(profiles()))
 
 

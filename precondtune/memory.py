@@ -169,6 +169,9 @@ class MemoryPlanner:
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> None:
         self.settings = settings or MemorySettings()
         self.target = resolve_target(self.settings.gpu)
+        if self.settings.reserve_gb * GiB >= self.target.memory_bytes:
+            raise ConfigError(f"--reserve-gb {self.settings.reserve_gb:g} keeps back all of {self.target.name}'s "
+                              f"{self.target.memory_bytes / GiB:.2f} GiB; give less (default {DEFAULT_RESERVE_GB:g})")
         if isinstance(model, (str, Path)):
             model = load_model_file(model)
         if isinstance(model, ModelFile):
@@ -352,6 +355,8 @@ class MemoryPlanner:
         upcast, upcast_dtype = 0, ""
         if traced is None:
             step_trace, step_how, temporaries = Trace(), "not traced (needs a batch: the optimizer hooks the model)", 0
+            notes.append(f"{name}'s step was not traced: it hooks the model's layers and needs a batch (define "
+                         "sample_batch in the model file), so step_temporaries 0 and the peak are under-counts")
         else:
             step_trace, step_how = traced
             step_peak = step_trace.peaks.get("step", 0)
@@ -437,7 +442,8 @@ class MemoryPlanner:
             "notes": notes,
         }
         if fb is None:
-            notes.append("activations not traced: no sample_batch to make a batch (pass sample_batch=...)")
+            notes.append("activations not traced: no sample_batch to make a batch (define sample_batch in the model file; "
+                         "in Python pass sample_batch=)")
         else:
             if fb[0].bounded or (traced is not None and traced[0].bounded):
                 notes.append("a boolean mask's selection (e.g. logits[labels != -100]) was counted at its largest, "
@@ -448,7 +454,11 @@ class MemoryPlanner:
                              "if t:), taken as 1 or True on fake tensors; a shape computed from one is traced at "
                              "that value")
         if s.max_batch_size:
-            entry["max_batch_size"] = self._max_batch(entry, capacity)
+            entry["max_batch_size"] = found = self._max_batch(entry, capacity)
+            if found is None:
+                notes.append("max_batch_size not searched: no sample_batch to make batches")
+            elif found >= MAX_BATCH_LIMIT:
+                notes.append(f"max_batch_size: the search stops at {MAX_BATCH_LIMIT}; larger batches fit too")
         return entry
 
     def _fsdp_gathered(self) -> tuple[int, int]:

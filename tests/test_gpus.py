@@ -30,6 +30,22 @@ def test_forgiving_names(spelling):
     assert resolve_profile(spelling).name == "h100-sxm-80gb"
 
 
+def test_a_prefix_of_one_profile_finds_it_and_of_several_is_an_error():
+    from precondtune.errors import ConfigError
+
+    assert resolve_profile("l40").name == "l40s"
+    for ambiguous, names in (("a100", "a100-40gb, a100-80gb"), ("rtx", "rtx-3090, rtx-4090")):
+        with pytest.raises(ConfigError, match=names):
+            resolve_profile(ambiguous)
+
+
+def test_profiles_in_json_carry_units_and_integer_bytes():
+    doc = json.loads(runner.invoke(app, ["gpus", "--json"]).stdout)
+    for prof in doc["profiles"]:
+        assert prof["memory_bytes"]["unit"] == "bytes" and isinstance(prof["memory_bytes"]["value"], int)
+        assert prof["memory_bandwidth"]["unit"] == "bytes/s" and prof["bf16_flops"]["unit"] == "FLOP/s"
+
+
 def test_unknown_profile_lists_known_ones():
     with pytest.raises(UnknownNameError, match="a100-40gb"):
         resolve_profile("tpu-v5")

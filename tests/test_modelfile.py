@@ -119,7 +119,9 @@ def test_console_script_usage_errors_are_one_line_and_exit_2():
     import sys
 
     for args in (["memory", str(EXAMPLES / "mlp.py"), "--batch-size", "0"], ["no-such-command"],
-                 ["profile", str(EXAMPLES / "missing.py")]):
+                 ["profile", str(EXAMPLES / "missing.py")],
+                 ["flops", str(EXAMPLES / "mlp.py"), "--measure", "--steps", "0"],
+                 ["flops", str(EXAMPLES / "mlp.py"), "--measure", "--warmup", "-1"]):
         r = subprocess.run([sys.executable, "-m", "precondtune", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr

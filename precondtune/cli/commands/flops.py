@@ -84,8 +84,8 @@ def command(
     batch_size: BatchOpt = 8,
     tokens_per_batch: TokensPerBatchOpt = None,
     measure: Annotated[bool, typer.Option("--measure", help="Time warm-up + N real steps per optimizer.")] = False,
-    steps: Annotated[int, typer.Option("--steps", help="Timed steps per optimizer (raised to cover a refresh).")] = 10,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before timing.")] = 3,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per optimizer (raised to cover a refresh).")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps before timing.")] = 3,
     device: DeviceOpt = "auto",
     gpu: GpuOpt = None,
     mfu: MfuOpt = DEFAULT_MFU,
@@ -99,8 +99,8 @@ def command(
     with handle_errors(debug):
         with progress(measure) as update:
             report = flops_report(load_model_file(model), optimizer, batch_size=batch_size,
-                                  tokens_per_batch=tokens_per_batch, measure=measure, steps=max(steps, 1),
-                                  warmup=max(warmup, 0), device=device, gpu=gpu, mfu=mfu, mbu=mbu,
+                                  tokens_per_batch=tokens_per_batch, measure=measure, steps=steps,
+                                  warmup=warmup, device=device, gpu=gpu, mfu=mfu, mbu=mbu,
                                   matmul_dtype=matmul_dtype, seed=seed, progress=update)
         if json_:
             emit_json(report.as_json())

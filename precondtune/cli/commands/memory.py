@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from ...memory import DEFAULT_RESERVE_GB, MemorySettings, plan_memory
+from ...memory import DEFAULT_RESERVE_GB, MAX_BATCH_LIMIT, MemorySettings, plan_memory
 from ...modelfile import load_model_file
 from ..common import (
     AutocastOpt,
@@ -78,10 +78,12 @@ def _render(doc: dict) -> None:
                human_bytes(b["step_temporaries"]), f"{human_bytes(b['total_peak'])} ({o['peak_phase']})",
                "✓" if o["fits"] else "✗", human_bytes(o["headroom_bytes"])]
         if "max batch" in columns:
-            row.append(o.get("max_batch_size", "-"))
+            found = o.get("max_batch_size")
+            row.append("-" if found is None else f"≥ {found:,}" if found >= MAX_BATCH_LIMIT else f"{found:,}")
         rows.append(row)
     first = doc["optimizers"][0]["bytes"] if doc["optimizers"] else None
-    wg = "" if first is None else (f"weights {human_bytes(first['weights'] + first['master_weights'])}, "
+    master = f" + {human_bytes(first['master_weights'])} fp32 master copy" if first and first["master_weights"] else ""
+    wg = "" if first is None else (f"weights {human_bytes(first['weights'])}{master}, "
                                    f"gradients {human_bytes(first['gradients'])}; ")
     caption = (f"per GPU; {wg}{s['param_dtype']} params, {s['grad_dtype']} grads, {s['state_dtype']} state"
                f"{', fp32 master weights' if s['master_weights'] else ''}"
