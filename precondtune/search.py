@@ -19,7 +19,6 @@ Storage (``--storage``), all Optuna's own:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json

@@ -14,7 +14,9 @@ NO_GPU = "no NVIDIA GPU found; planning for --gpu PROFILE or CPU"
 
 
 def command(
-    list_profiles: Annotated[bool, typer.Option("--profiles", help="Also list the hardware profiles (listed anyway when no GPU is found; always in --json).")] = False,
+    list_profiles: Annotated[bool, typer.Option(
+        "--profiles", help="Also list the hardware profiles (listed anyway when no GPU is found; always in --json).")
+    ] = False,
     json_: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
