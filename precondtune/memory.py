@@ -142,6 +142,20 @@ def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     return math.prod(shape) * itemsize(dtype)
 
 
+def _scalar_loss(loss: Callable[[nn.Module, Any], torch.Tensor], path: str) -> Callable[[nn.Module, Any], Any]:
+    """``loss`` with what it returns checked as the training loop checks it: a scalar tensor."""
+    def checked(model: nn.Module, batch: Any) -> torch.Tensor:
+        out = loss(model, batch)
+        if not torch.is_tensor(out):
+            raise ModelFileError(f"{path}: the loss is a {type(out).__name__}, not a tensor; loss_fn must return a "
+                                 "scalar tensor")
+        if out.numel() != 1:
+            raise ModelFileError(f"{path}: the loss has shape {tuple(out.shape)}, not a scalar; reduce it (e.g. "
+                                 ".mean()) in loss_fn")
+        return out
+    return checked
+
+
 def _shard(x: int, n: int) -> int:
     return -(-x // n)
 
@@ -185,6 +199,7 @@ class MemoryPlanner:
             loss = loss_fn or default_loss
         else:
             raise ConfigError(f"model must be an nn.Module or a model-file path, not {type(model).__name__}")
+        loss = _scalar_loss(loss, path)
         total, trainable = count_parameters(module)
         infos = inventory(module)
         if not infos:

@@ -194,7 +194,8 @@ class ModelFile:
         try:
             return self.sample_batch_fn(batch_size)
         except Exception as e:
-            raise ModelFileError(f"{self.path}: sample_batch({batch_size}) raised {_one_line(e)}") from e
+            raise ModelFileError(f"{self.path}: sample_batch({batch_size}) raised {_one_line(e)}; fix sample_batch "
+                                 "(it gets the batch size and returns one training batch)") from e
 
     def eval_batches(self, batch_size: int, n: int = DEFAULT_EVAL_BATCHES) -> list[Any]:
         """The file's ``eval_batches()``, else ``n`` batches drawn from ``sample_batch`` under a fixed seed."""
@@ -202,7 +203,8 @@ class ModelFile:
             try:
                 return list(self.eval_batches_fn())
             except Exception as e:
-                raise ModelFileError(f"{self.path}: eval_batches() raised {_one_line(e)}") from e
+                raise ModelFileError(f"{self.path}: eval_batches() raised {_one_line(e)}; fix it, or remove it to "
+                                     "evaluate on fixed-seed draws of sample_batch") from e
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(EVAL_SEED)
             return [self.sample_batch(batch_size) for _ in range(n)]
@@ -220,8 +222,14 @@ class ModelFile:
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
+            if self.loss_fn:
+                fix = "fix the model or loss_fn for this batch"
+            else:
+                call = ("model(**batch)" if isinstance(batch, Mapping) else "model(*batch)"
+                        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields") else "model(batch)")
+                fix = f"without loss_fn the loss is {call}; define loss_fn(model, batch) or fix the model"
             fn = "loss_fn" if self.loss_fn else "the model's forward"
-            raise ModelFileError(f"{self.path}: {fn} raised {_one_line(e)}") from e
+            raise ModelFileError(f"{self.path}: {fn} raised {_one_line(e)}; {fix}") from e
         if not torch.is_tensor(out):
             raise ModelFileError(
                 f"{self.path}: the loss is a {type(out).__name__}, not a tensor; loss_fn must return a scalar tensor"
@@ -246,7 +254,9 @@ class ModelFile:
         try:
             loss.backward()
         except Exception as e:
-            raise ModelFileError(f"{self.path}: backward raised {_one_line(e)}") from e
+            hint = ("no parameter of the model requires grad" if not any(p.requires_grad for p in model.parameters())
+                    else "check that the loss comes from the model's parameters")
+            raise ModelFileError(f"{self.path}: backward raised {_one_line(e)}; {hint}") from e
         return value
 
 

@@ -147,3 +147,31 @@ def test_what_a_model_file_prints_goes_to_stderr_under_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "precondtune", "memory", str(path), "-o", "adamw"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "building" in r.stdout  # without --json prints stay where the file put them
+
+
+def test_model_file_errors_name_the_fix(tmp_path):
+    import torch
+
+    from precondtune.errors import ModelFileError
+    from precondtune.modelfile import load_model_file
+
+    path = tmp_path / "m.py"
+    path.write_text("import torch\n"
+                    "def build_model():\n    return torch.nn.Linear(4, 4)\n"
+                    "def sample_batch(n):\n    return {'x': torch.randn(n, 4)}\n")
+    mf = load_model_file(path)
+    with pytest.raises(ModelFileError, match=r"without loss_fn the loss is model\(\*\*batch\); define loss_fn"):
+        mf.loss(mf.build(), {"y": torch.randn(2, 4)})
+    path = tmp_path / "m2.py"
+    path.write_text("import torch\n"
+                    "def build_model():\n    return torch.nn.Linear(4, 4)\n"
+                    "def sample_batch(n):\n    raise FileNotFoundError('data/')\n"
+                    "def eval_batches():\n    raise KeyError('split')\n")
+    mf = load_model_file(path)
+    with pytest.raises(ModelFileError, match="fix sample_batch"):
+        mf.sample_batch(2)
+    with pytest.raises(ModelFileError, match="remove it to evaluate on fixed-seed draws"):
+        mf.eval_batches(2)
+    frozen = torch.nn.Linear(4, 1).requires_grad_(False)
+    with pytest.raises(ModelFileError, match="no parameter of the model requires grad"):
+        mf.check_first_step(frozen, torch.randn(1, 4))
