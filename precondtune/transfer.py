@@ -210,9 +210,9 @@ def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size
             out.append(t)
             continue
         a = analyze(cfg.optimizer, infos, routing=cfg.param_groups or None, hyperparameters=hp, rows=rows)
-        estimates = {**cfg.estimates, "total_peak_bytes": int(entry["bytes"]["total_peak"]),
-                     "flop_overhead": a.total_amortized(train_flops) / train_flops if train_flops else None,
-                     "batch_size": batch_size}
+        step = a.total_amortized(train_flops)  # Sophia's Hessian passes and Iso's hook work included
+        estimates = {**cfg.estimates, "optimizer_step_flops": step, "total_peak_bytes": int(entry["bytes"]["total_peak"]),
+                     "flop_overhead": step / train_flops if train_flops else None, "batch_size": batch_size}
         out.append(dataclasses.replace(t, config=dataclasses.replace(cfg, estimates=estimates)))
     return out
 

@@ -280,11 +280,12 @@ def test_transfer_estimates_are_the_traced_peak_and_counted_overhead_of_the_conf
     from precondtune import flops
     from precondtune.modelfile import load_model_file
 
-    r = runner.invoke(app, ["transfer", str(load_example("chargpt").path), "--lr", "1e-3", "--to", "muon,soap",
+    names = ["muon", "soap", "sophia", "iso"]  # Sophia's Hessian passes and Iso's hooks scale with F
+    r = runner.invoke(app, ["transfer", str(load_example("chargpt").path), "--lr", "1e-3", "--to", ",".join(names),
                             "--batch-size", "4", "--out", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     mf = load_model_file(load_example("chargpt").path)
-    costs = {o["name"]: o for o in flops.flops_report(mf, ["muon", "soap"], batch_size=4).as_json()["optimizers"]}
+    costs = {o["name"]: o for o in flops.flops_report(mf, names, batch_size=4).as_json()["optimizers"]}
     for o in json.loads(r.stdout)["optimizers"]:
         cfg = o["config"]
         est = cfg["estimates"]
@@ -293,6 +294,7 @@ def test_transfer_estimates_are_the_traced_peak_and_counted_overhead_of_the_conf
                                              routing=cfg["param_groups"])
         assert est["total_peak_bytes"] == memory["bytes"]["total_peak"] and est["batch_size"] == 4
         assert est["flop_overhead"] == pytest.approx(costs[cfg["optimizer"]]["overhead"], rel=1e-9)
+        assert est["optimizer_step_flops"] == pytest.approx(costs[cfg["optimizer"]]["amortized_step_flops"], rel=1e-9)
         assert yaml.safe_load((tmp_path / f"{cfg['optimizer']}.yaml").read_text())["estimates"] == est
 
 
