@@ -832,18 +832,20 @@ class SearchResult:
     seed_runs: dict[int, list[float]] = field(default_factory=dict)
     first_failure: str | None = None
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, top: int = 10) -> dict[str, Any]:
+        """SPEC.md's ``tune --json``; ``top``: the first ``top`` rows of :attr:`frame` (complete trials best first,
+        then pruned and failed ones with their reasons), as the table shows them."""
         best: dict[str, Any] = {"value": self.best_value, "hyperparameters": self.best_hyperparameters,
                                 "trial": self.best_trial}
         if self.best_trial is not None and self.best_trial in self.seed_runs:
             values = self.seed_runs[self.best_trial]
             best["seed_values"] = values
             best["seed_spread"] = _spread(values)
-        top = self.frame[self.frame["state"] == "COMPLETE"].head(10)
+        rows = self.frame.head(top)
         return {"study": self.study, "storage": self.storage, "optimizer": self.optimizer, "model": self.model,
                 "best": best, "trials": self.counts, "new_trials": self.new, "steps": self.steps,
                 "steps_saved_by_pruning": self.steps_saved_by_pruning, "first_failure": self.first_failure,
-                "top": [{k: _unjson(v) for k, v in row.items()} for row in json.loads(top.to_json(orient="records"))]}
+                "top": [{k: _unjson(v) for k, v in row.items()} for row in json.loads(rows.to_json(orient="records"))]}
 
 
 def _unjson(v: Any) -> Any:

@@ -504,3 +504,14 @@ def test_what_the_model_file_lacks_for_a_search_stops_it_before_a_study_is_writt
     ok = runner.invoke(app, ["tune", str(model), "-o", "sophia", "--trials", "1", "--steps", "2", "--storage",
                              "memory", "--set", "estimator=hutchinson"])
     assert ok.exit_code == 0, ok.stderr
+
+
+def test_json_top_follows_top_and_shows_pruned_trials_with_reasons(tiny_model, tmp_path):
+    r = runner.invoke(app, ["tune", str(tiny_model), "--steps", "6", "--trials", "4", "--storage", "memory",
+                            "--pruner", "none", "--adam-lr", "50", "--top", "3", "--json"])
+    doc = json.loads(r.stdout)
+    assert len(doc["top"]) == 3
+    states = [row["state"] for row in doc["top"]]
+    assert states == sorted(states, key=["COMPLETE", "PRUNED", "FAIL"].index)
+    pruned = [row for row in doc["top"] if row["state"] == "PRUNED"]
+    assert pruned and all(row["reason"].startswith("diverged") for row in pruned)

@@ -132,7 +132,7 @@ def command(
     warmup: WarmupOpt = None,
     decay: DecayOpt = "cosine",
     csv: Annotated[str | None, typer.Option("--csv", help="Write every trial (pandas DataFrame) to this CSV.")] = None,
-    top: Annotated[int, typer.Option("--top", min=1, help="Rows in the final table.")] = 10,
+    top: Annotated[int, typer.Option("--top", min=1, help="Rows in the final table (and in --json's top).")] = 10,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json_: JsonOpt = False,
@@ -170,7 +170,7 @@ def command(
         if csv:
             write_text_atomic(csv, result.frame.to_csv(index=False))
         if json_:
-            emit_json(result.as_json())
+            emit_json(result.as_json(top))
         else:
             _render(result, top)
         if result.best_value is None and trials > 0:
