@@ -29,6 +29,7 @@ def resolve_device(device: str, model: nn.Module | None = None) -> torch.device:
     """``auto`` -> ``cuda`` when available else ``cpu``; meta models stay on ``meta``; bad names fail clearly."""
     if model is not None and is_meta(model):
         return torch.device("meta")
+    device = device.strip().lower()  # CPU, Cuda:0
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -377,6 +377,10 @@ class Knobs:
         """``values`` -> (trial params to fix, Config fields to override), each checked; bad ones raise."""
         params: dict[str, Any] = {}
         fields: dict[str, Any] = {}
+        both = [k for k in ("beta1", "beta2") if k in values and "betas" in values]
+        if both:
+            raise ConfigError(f"{option}: {both[0]}={values[both[0]]!r} and betas={values['betas']!r} both set "
+                              f"{both[0]}; give one of them")
         for key, value in values.items():
             inverse = f"one_minus_{key}"
             if inverse in self.params and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -965,8 +969,16 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     obj = Objective(mf, settings)  # validates --set, --steps/--warmup/--decay and the optimizer name
     pruner = make_pruner(settings.pruner, obj.schedule, settings.report_every)
     make_sampler(settings.sampler, 0, settings.trials)  # a missing sampler package fails before anything is written
+    fixed: dict[str, Any] = {}
+    for item in settings.fixed:
+        fixed.update(parse_assignments(item, option="--set"))
     for item in settings.enqueue:
-        obj.knobs.resolve(parse_assignments(item, option="--enqueue"), option="--enqueue")
+        values = parse_assignments(item, option="--enqueue")
+        obj.knobs.resolve(values, option="--enqueue")
+        clash = next((k for k, v in values.items() if k in fixed and fixed[k] != v), None)
+        if clash is not None:
+            raise ConfigError(f"--enqueue {item}: {clash}={values[clash]!r} contradicts --set {clash}={fixed[clash]!r}, "
+                              "which holds for every trial; drop one of them")
     data = obj.data
     model = copy.deepcopy(data.template).to(data.device)
     mf.check_first_step(model, move_to(data.batches[0], data.device))

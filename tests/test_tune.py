@@ -206,6 +206,8 @@ def _tune(*args):
     (["--enqueue", "eps=true"], "must be a number"),
     (["--csv", "."], "is a directory"),
     (["--csv", ""], "is empty"),
+    (["--set", "betas=[0.9,0.99]", "--set", "beta1=0.95"], "give one of them"),
+    (["--set", "lr=0.01", "--enqueue", "lr=0.02"], "contradicts --set lr=0.01"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
