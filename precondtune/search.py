@@ -760,9 +760,16 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
         study = optuna.load_study(study_name=study_name, storage=ref.storage, sampler=sampler,
                                   pruner=make_pruner(settings.pruner, obj.schedule, settings.report_every))
         study.optimize(obj, n_trials=n_trials, timeout=settings.timeout, catch=(Exception,),
-                       callbacks=_observers(study.pruner))
+                       callbacks=[*_observers(study.pruner), _stop_without_parent])
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it in one line
         sys.exit(130)
+
+
+def _stop_without_parent(study: optuna.Study, _trial: Any) -> None:
+    """A ``--workers`` process whose parent is gone (killed) starts no further trial."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        study.stop()
 
 
 def _check_hook(obj: Objective, model: torch.nn.Module, data: TrialData) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -517,3 +518,38 @@ def test_json_top_follows_top_and_shows_pruned_trials_with_reasons(tiny_model, t
     assert states == sorted(states, key=["COMPLETE", "PRUNED", "FAIL"].index)
     pruned = [row for row in doc["top"] if row["state"] == "PRUNED"]
     assert pruned and all(row["reason"].startswith("diverged") for row in pruned)
+
+
+def _children(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes")
+def test_workers_stop_when_the_parent_is_killed(tiny_model, tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    proc = _cli("tune", str(tiny_model), "--steps", "5", "--batch-size", "16", "--storage", url, "--study-name", "o",
+                "--pruner", "none", "--workers", "2", "--trials", "100000", cwd=tmp_path)
+    deadline = time.time() + 120
+    while len(_complete(url, "o")) < 6 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert workers
+    proc.kill()
+    proc.communicate(timeout=60)
+
+    def alive():
+        return [w for w in workers if Path(f"/proc/{w}").exists()
+                and "zombie" not in Path(f"/proc/{w}/status").read_text()]
+
+    deadline = time.time() + 20  # a worker finishes the trial it is in, then stops (its share would take minutes)
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive()
