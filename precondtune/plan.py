@@ -31,7 +31,7 @@ import optuna
 import pandas as pd
 
 from . import optim as po
-from .errors import ConfigError
+from .errors import ConfigError, PrecondtuneError
 from .flops import flops_report, measure_step_times
 from .inventory import inventory
 from .memory import MemorySettings, plan_memory
@@ -386,7 +386,14 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         def tick(done: int, total: int, best: float | None, pruned: int, failed: int, _d: str = desc) -> None:
             progress(_d, done, max(total, 1))
 
-        c.search = run_search(mf, s, progress=tick)
+        try:
+            c.search = run_search(mf, s, progress=tick)
+        except PrecondtuneError as e:
+            if c.name == "adamw":  # the baseline every other optimizer is ranked against
+                raise
+            c.status, c.note = "not searched", str(e)  # e.g. Sophia's estimator on a file without logits_fn
+            log(f"{desc}: not searched — {e}")
+            continue
         c.hyperparameters = c.search.best_hyperparameters
         if c.hyperparameters is None:
             c.status = "no completed trial"

@@ -174,6 +174,21 @@ def test_an_optimizer_with_nothing_to_update_is_not_applicable(tmp_path):
     assert doc["winner"] == "adamw"
 
 
+def test_an_optimizer_the_model_file_cannot_search_is_noted_and_the_plan_goes_on(tmp_path):
+    path = tmp_path / "nologits.py"  # Sophia's default estimator needs logits_fn
+    path.write_text("import torch\nimport torch.nn.functional as F\n"
+                    "def build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))\n"
+                    "def sample_batch(n):\n    return torch.randn(n, 4), torch.randint(3, (n,))\n"
+                    "def loss_fn(model, batch):\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
+    r = runner.invoke(app, ["plan", str(path), "-o", "adamw,sophia", *TINY, "--storage", "memory",
+                            "--out", str(tmp_path / "r"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    sophia = next(o for o in doc["optimizers"] if o["name"] == "sophia")
+    assert sophia["status"] == "not searched" and "--set estimator=hutchinson" in sophia["note"]
+    assert doc["winner"] == "adamw"
+
+
 def _cand(name, losses):
     c = Candidate(name, {"fits": True})
     c.rank_losses = losses
