@@ -43,6 +43,7 @@ from .search import (
     Objective,
     SearchResult,
     SearchSettings,
+    check_enqueue,
     fallback_routing,
     interrupted,
     open_storage,
@@ -203,11 +204,13 @@ def _noop_log(msg: str) -> None:
 def _study_name(settings: PlanSettings, mf: ModelFile, name: str, fixed: tuple[str, ...] = (),
                 enqueue: tuple[str, ...] = ()) -> str:
     """``PREFIX-OPTIMIZER-sSTEPS-bBATCH-seedSEED-FINGERPRINT``. The fingerprint hashes what else makes two runs'
-    trials comparable — the model file's resolved path and factory, the tuned AdamW given, and this optimizer's
-    ``--set``/``--enqueue`` items — so a rerun reuses a study only when they all match (a different model file
-    called model.py, or a changed ``--set``, starts its own study)."""
+    trials comparable — the model file's resolved path, its content and factory, the tuned AdamW given, and this
+    optimizer's ``--set``/``--enqueue`` items — so a rerun reuses a study only when they all match (an edited model
+    file, a different one called model.py, or a changed ``--set``, starts its own study)."""
     prefix = settings.study_prefix or f"plan-{mf.name}"
-    key = json.dumps([str(Path(mf.path).resolve()), mf.factory_name, settings.adamw and dataclasses.asdict(
+    path = Path(mf.path).resolve()
+    content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    key = json.dumps([str(path), content, mf.factory_name, settings.adamw and dataclasses.asdict(
         settings.adamw), sorted(fixed), sorted(enqueue)], default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{prefix}-{name}-s{settings.steps}-b{settings.batch_size}-seed{settings.seed}-{digest}"
@@ -290,6 +293,10 @@ def decide(candidates: list[Candidate]) -> tuple[str | None, str]:
     if min(len(adamw.rank_losses), len(best.rank_losses)) < 2:
         return "adamw", (f"{best.name} reached {best.median:.4f} vs AdamW {adamw.median:.4f}, but with one seed the "
                          "noise is unmeasured; rerun with --seeds 2 or more before switching")
+    if adamw.spread == 0 and best.spread == 0 and len(set(adamw.rank_losses)) == 1:
+        return "adamw", (f"{best.name} reached {best.median:.4f} vs AdamW {adamw.median:.4f}, but every seed gave the "
+                         "same loss, so the noise is unmeasured: does the model file fix torch's seed itself (e.g. "
+                         "torch.manual_seed in build_model or sample_batch)? Remove that and rerun before switching")
     for c in ranked:
         if c.name == "adamw":
             break
@@ -319,8 +326,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     for name in names:
         check = Objective(mf, SearchSettings(optimizer=name, steps=settings.steps, adamw=settings.adamw,
                                              fixed=fixed[name], enqueue=enqueue[name]))
-        for item in enqueue[name]:
-            check.knobs.resolve(parse_assignments(item, option="--enqueue"), option="--enqueue")
+        check_enqueue(check.knobs, fixed[name], enqueue[name])
     open_storage(settings.storage, workers=settings.workers)
 
     log("1/5 profiling the model")
@@ -370,8 +376,9 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         return PlanResult(mf, settings, prof, memory, flops, candidates, None, None, nothing, meta,
                           time.perf_counter() - t0)
 
-    log("4/5 searches")
     storage = storage_url(settings.storage)
+    log("4/5 searches" + ("" if storage in ("memory", ":memory:") else
+                          f" (studies in {storage}; optuna-dashboard opens it)"))
     ordered = sorted(fitting, key=lambda c: c.name != "adamw")  # AdamW first: its time is the budget
     for k, c in enumerate(ordered):
         study = _study_name(settings, mf, c.name, fixed[c.name], enqueue[c.name])

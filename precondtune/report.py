@@ -105,7 +105,8 @@ def plots(result: PlanResult, out: Path) -> dict[str, Path]:
         ax.set_xlabel("seconds" if result.settings.rank_by == "time" else "step")
         ax.set_ylabel("training loss (moving mean)")
         ax.set_title(f"best config per optimizer (seed {result.settings.seed})")
-        ax.legend(fontsize=7, ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
         files["loss_plot"] = _save(fig, out / "loss_curves.png")
         plt.close(fig)
 
@@ -120,7 +121,8 @@ def plots(result: PlanResult, out: Path) -> dict[str, Path]:
         ax.set_xlabel("trial")
         ax.set_ylabel("best eval loss so far")
         ax.set_title("search history")
-        ax.legend(fontsize=7, ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
         files["history_plot"] = _save(fig, out / "search_history.png")
         plt.close(fig)
     return files
@@ -153,7 +155,8 @@ def markdown(result: PlanResult, files: dict[str, Path]) -> str:
     if result.winner:
         lines += [f"**{result.winner}** — {result.reason}.", "",
                   "Load it in a training script with one line:", "", "```python",
-                  "opt = precondtune.build_optimizer(model, \"recommended.yaml\")", "```", ""]
+                  f"opt = precondtune.build_optimizer(model, \"{files.get('config', Path('recommended.yaml')).name}\")",
+                  "```", ""]
     else:
         lines += [f"No recommendation: {result.reason}.", ""]
 

@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,9 +170,15 @@ def _journal_path(url: str) -> Path | None:
 
 
 def storage_url(url: str | None) -> str:
-    """The URL a study lives at: the default SQLite file made absolute, other URLs as given."""
-    if url is None or url == DEFAULT_STORAGE:
-        return "sqlite:///" + str(Path(DEFAULT_STORAGE[len("sqlite:///"):]).resolve())
+    """The URL a study lives at: an SQLite file's path made absolute (the default's too, so the URL recorded
+    in reports finds the file from any directory), other URLs as given."""
+    if url is None:
+        url = DEFAULT_STORAGE
+    if url.startswith("sqlite:///") and not _is_memory(url):
+        path = url[len("sqlite:///"):]
+        if not path or path.endswith("/"):
+            raise ConfigError(f"--storage {url}: no file name; use e.g. sqlite:///studies.db")
+        return "sqlite:///" + str(Path(path).resolve())
     return url
 
 
@@ -772,6 +778,21 @@ def _stop_without_parent(study: optuna.Study, _trial: Any) -> None:
         study.stop()
 
 
+def check_enqueue(knobs: Knobs, fixed_items: Sequence[str], enqueue_items: Sequence[str]) -> None:
+    """Each ``--enqueue`` item's knobs and values are valid, and none contradicts a ``--set`` (which holds for
+    every trial, warm starts included)."""
+    fixed: dict[str, Any] = {}
+    for item in fixed_items:
+        fixed.update(parse_assignments(item, option="--set"))
+    for item in enqueue_items:
+        values = parse_assignments(item, option="--enqueue")
+        knobs.resolve(values, option="--enqueue")
+        clash = next((k for k, v in values.items() if k in fixed and fixed[k] != v), None)
+        if clash is not None:
+            raise ConfigError(f"--enqueue {item}: {clash}={values[clash]!r} contradicts --set {clash}={fixed[clash]!r}, "
+                              "which holds for every trial; drop one of them")
+
+
 def _check_hook(obj: Objective, model: torch.nn.Module, data: TrialData) -> None:
     """Build the study's starting config once — paying torch's one-time lazy imports (torch.optim loads
     torch._dynamo, ≈ 1 s on CPU) here, not in trial 0 — and run the training-loop hook it needs (Sophia's Hessian
@@ -976,16 +997,7 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     obj = Objective(mf, settings)  # validates --set, --steps/--warmup/--decay and the optimizer name
     pruner = make_pruner(settings.pruner, obj.schedule, settings.report_every)
     make_sampler(settings.sampler, 0, settings.trials)  # a missing sampler package fails before anything is written
-    fixed: dict[str, Any] = {}
-    for item in settings.fixed:
-        fixed.update(parse_assignments(item, option="--set"))
-    for item in settings.enqueue:
-        values = parse_assignments(item, option="--enqueue")
-        obj.knobs.resolve(values, option="--enqueue")
-        clash = next((k for k, v in values.items() if k in fixed and fixed[k] != v), None)
-        if clash is not None:
-            raise ConfigError(f"--enqueue {item}: {clash}={values[clash]!r} contradicts --set {clash}={fixed[clash]!r}, "
-                              "which holds for every trial; drop one of them")
+    check_enqueue(obj.knobs, settings.fixed, settings.enqueue)
     data = obj.data
     model = copy.deepcopy(data.template).to(data.device)
     mf.check_first_step(model, move_to(data.batches[0], data.device))

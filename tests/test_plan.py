@@ -143,6 +143,8 @@ def test_rank_by_steps_set_and_json_format(tmp_path, rank_by):
     assert hp["adam-mini"]["weight_decay"] == 0.0
     assert all(h["betas"][0] == pytest.approx(0.9) for h in hp.values())
     assert json.loads((tmp_path / "r" / "recommended.json").read_text())["schema_version"] == 1
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert 'build_optimizer(model, "recommended.json")' in report and "recommended.yaml" not in report
 
 
 def test_tuned_adamw_values_reach_the_fallback_groups():
@@ -203,6 +205,13 @@ def test_decide_takes_the_best_candidate_that_beats_adamw_beyond_noise():
     assert winner == "adamw"
 
 
+def test_identical_seed_runs_do_not_count_as_measured_noise():
+    # a model file that calls torch.manual_seed itself makes every seed run the same: a spread of 0 is not evidence
+    winner, why = decide([_cand("adamw", [2.0, 2.0]), _cand("muon", [1.9, 1.9])])
+    assert winner == "adamw" and "every seed gave the same loss" in why
+    assert decide([_cand("adamw", [2.0, 2.01]), _cand("muon", [1.9, 1.9])])[0] == "muon"
+
+
 def test_plans_with_different_set_items_or_model_files_get_their_own_studies(tmp_path):
     from precondtune.modelfile import load_model_file
     from precondtune.plan import PlanSettings, _study_name
@@ -213,7 +222,10 @@ def test_plans_with_different_set_items_or_model_files_get_their_own_studies(tmp
     assert a == _study_name(s, mf, "muon", ("ns_steps=4",)) and a != _study_name(s, mf, "muon", ("ns_steps=6",))
     other = tmp_path / "mlp.py"
     other.write_text((EXAMPLES / "mlp.py").read_text())
-    assert _study_name(s, load_model_file(other), "muon", ("ns_steps=4",)) != a  # same stem, another file
+    before = _study_name(s, load_model_file(other), "muon", ("ns_steps=4",))
+    assert before != a  # same stem, another file
+    other.write_text((EXAMPLES / "mlp.py").read_text().replace("GELU", "Tanh"))  # the file edited in place
+    assert _study_name(s, load_model_file(other), "muon", ("ns_steps=4",)) != before
 
 
 def test_the_tuned_config_is_what_memory_and_estimates_describe():
@@ -236,6 +248,9 @@ def test_the_tuned_config_is_what_memory_and_estimates_describe():
     (["--set", "muon:ns_steps=99"], "ns_steps"),
     (["--enqueue", "adamw:lr=0.01,bogus=1"], "valid:"),
     (["--storage", "ftp://nowhere"], "not a storage URL"),
+    (["--storage", "sqlite:///"], "no file name"),
+    (["--set", "muon:lr=0.02", "--enqueue", "muon:lr=0.05"], "contradicts --set lr=0.02"),
+    (["--out", "/dev/null/report"], "is a file, not a directory"),
 ])
 def test_bad_options_fail_before_any_stage_runs(tmp_path, monkeypatch, args, needle):
     import precondtune.plan as plan_module

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -95,6 +96,11 @@ def command(
             raise ConfigError(f"--format {fmt!r}; valid: yaml, json")
         if out is not None and out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a directory (it is created if missing)")
+        if out is not None:  # a parent that is a file or unwritable fails now, not after the searches
+            blocker = next(a for a in out.absolute().parents if a.exists())
+            if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
+                why = "is a file, not a directory" if not blocker.is_dir() else "is not writable"
+                raise ConfigError(f"--out {out}: {blocker} {why}; give a directory that can be created")
         adamw = adamw_reference(adam_lr, adam_betas, adam_weight_decay)
         settings = PlanSettings(optimizers=optimizer, batch_size=batch_size, trials=trials, steps=steps, seeds=seeds,
                                 rank_by=rank_by, storage=storage, study_prefix=study_name, workers=workers,
@@ -102,7 +108,7 @@ def command(
                                 sharding=sharding.value, param_dtype=param_dtype, state_dtype=state_dtype,
                                 adamw=adamw, seed=seed, fixed=tuple(set_ or ()),
                                 enqueue=tuple(enqueue or ()))
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial failed by Ctrl-C: no traceback
         mf = load_model_file(model)
         with progress(enabled=stderr.is_terminal) as update:
             result = plan(mf, settings, progress=update,
