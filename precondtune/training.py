@@ -29,8 +29,12 @@ from .optim import build
 from .profiling import synchronize
 
 DIVERGE_FACTOR = 3.0
-"""A step loss above start + (factor−1)·|start| counts as divergence: a short run that triples its initial loss
-(e.g. cross-entropy far above log(vocab)) has blown up, and no schedule this short recovers from it."""
+"""A loss above start + (factor−1)·|start| counts as divergence: a short run that triples its initial loss
+(e.g. cross-entropy far above log(vocab)) has blown up, and no schedule this short recovers from it. Both sides
+are robust to one outlier batch (the same in every trial): the start is the initial model's median loss over the
+first :data:`DIVERGE_WINDOW` training batches, the current loss the lower median of the last (up to)
+:data:`DIVERGE_WINDOW` step losses — a loss that stays up counts within two steps, a single spike never."""
+DIVERGE_WINDOW = 5
 
 DEFAULT_WARMUP_FRACTION = 0.1
 """Warmup is 10% of the steps unless given (common short-run practice, e.g. nanoGPT speedruns use 0–10%)."""
@@ -84,6 +88,9 @@ class TrialData:
     eval_batches: list[Any]
     device: torch.device
     seed: int
+    start_loss: float | None = None
+    """The initial model's median training loss over the first :data:`DIVERGE_WINDOW` batches (the divergence
+    check's start); None: the first step's loss."""
 
 
 def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
@@ -101,7 +108,11 @@ def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
     device = torch.device(device)
     if device.type == "cpu":  # moved once here, so the training loop and evaluation need not move them again
         batches, evals = [move_to(b, device) for b in batches], [move_to(b, device) for b in evals]
-    return TrialData(mf, template.cpu(), batches, evals, device, seed)
+    template = template.cpu()
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)  # dropout: as in the first steps
+        start = statistics.median(float(mf.loss(template, move_to(b, "cpu"))) for b in batches[:DIVERGE_WINDOW])
+    return TrialData(mf, template, batches, evals, device, seed, start if math.isfinite(start) else None)
 
 
 @dataclass
@@ -194,13 +205,15 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
         losses.append(value)
         if step == 0:
             result.start_loss = value
-            limit = value + (diverge_factor - 1) * max(abs(value), 1e-12)
+            start = data.start_loss if data.start_loss is not None else value
+            limit = start + (diverge_factor - 1) * max(abs(start), 1e-12)
         if not math.isfinite(value):
             result.stop_reason, result.diverged = f"diverged: loss {value} at step {step}", True
             break
-        if value > limit:
-            result.stop_reason = (f"diverged: loss {value:.4g} at step {step} is above {diverge_factor:g}x the "
-                                  f"starting loss {result.start_loss:.4g}")
+        if (recent := statistics.median_low(losses[-DIVERGE_WINDOW:])) > limit:
+            result.stop_reason = (f"diverged: loss {recent:.4g} at step {step} (lower median of the last "
+                                  f"{min(len(losses), DIVERGE_WINDOW)} steps) is above {diverge_factor:g}x the "
+                                  f"starting loss {start:.4g}")
             result.diverged = True
             break
         window += value

@@ -8,6 +8,7 @@ import torch
 from conftest import load_example
 
 import precondtune.optim as po
+from precondtune.modelfile import load_model_file
 from precondtune.training import Schedule, find_hook, prepare, train
 
 
@@ -98,3 +99,17 @@ def test_sophia_hessian_hook_is_driven_by_the_loop(mlp_data):
     assert find_hook(po.build("adamw", model)) is None
     r = train(mlp_data, "sophia", {"k": 2}, schedule=Schedule(6))
     assert r.eval_loss is not None and math.isfinite(r.eval_loss)
+
+
+def test_one_outlier_batch_is_not_divergence(tmp_path):
+    # the same outlier batch comes in every trial: a single spike must not prune them all
+    path = tmp_path / "spiky.py"
+    path.write_text("import torch\n_n = [0]\n"
+                    "def build_model():\n    return torch.nn.Linear(4, 1)\n"
+                    "def sample_batch(n):\n    _n[0] += 1\n    x = torch.randn(n, 4)\n"
+                    "    y = x.sum(1, keepdim=True) + (1000.0 if _n[0] == 8 else 0.0)\n    return x, y\n"
+                    "def loss_fn(model, batch):\n    return (model(batch[0]) - batch[1]).square().mean()\n")
+    data = prepare(load_model_file(path), steps=12, batch_size=16, seed=0)
+    r = train(data, "adamw", {"lr": 1e-3}, schedule=Schedule(12))
+    assert max(r.losses) > 1000 * data.start_loss  # the spike is there ...
+    assert not r.diverged and r.stop_reason is None and r.eval_loss is not None  # ... and the run goes on

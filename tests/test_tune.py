@@ -112,7 +112,7 @@ def test_diverging_trials_are_pruned_with_reasons_and_the_best_is_finite(tiny_mo
     assert len(diverged) >= 2, frame[["state", "reason", "lr"]]
     assert r.counts["failed"] == 0 and r.new["complete"] + r.new["pruned"] == 6
     assert r.best_value is not None and math.isfinite(r.best_value)
-    assert r.best_hyperparameters["lr"] < 0.3
+    assert all(math.isfinite(v) for v in frame[frame["state"] == "COMPLETE"]["value"])
     assert r.steps_saved_by_pruning > 0
 
 
