@@ -404,7 +404,9 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         c.hyperparameters = c.search.best_hyperparameters
         if c.hyperparameters is None:
             c.status = "no completed trial"
-            c.note = c.search.first_failure or "every trial was pruned or failed"
+            ran = sum(c.search.new.values()) + sum(c.search.counts.values()) - c.search.counts.get("waiting", 0)
+            c.note = c.search.first_failure or ("every trial was pruned or failed" if ran else
+                                                "no trial ran (--timeout ended the search before the first one)")
 
     device = str(resolve_device(settings.device))
     searched = [c for c in ordered if c.hyperparameters is not None]
