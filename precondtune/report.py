@@ -169,18 +169,21 @@ def markdown(result: PlanResult, files: dict[str, Path]) -> str:
               + (f", measured {p.step_seconds * 1e3:.1f} ms per forward+backward." if p.step_seconds else "."),
               (f"- Memory judged against {mem_settings.get('gpu')} ({mem_settings.get('gpu_source', '')}), "
               f"world size {mem_settings.get('world_size')}, sharding {mem_settings.get('sharding')}."),
-              f"- Searches: {s.trials} trials per optimizer, {s.steps} steps each (warmup + cosine decay), "
-              f"batch {s.batch_size}, objective = mean loss on fixed evaluation batches; AdamW searched with the "
-              "same budget as the baseline"
-              + (f"; warm starts transferred from AdamW lr={s.adamw.lr:g}." if s.adamw else "."),
-              f"- Ranking: best config of each optimizer re-run on {s.seeds} seed(s) "
-              + ("at equal wall-clock (steps that fit into the time AdamW's run took, from measured step times)."
-                 if s.rank_by == "time" else "at equal steps."), ""]
+              *([f"- Searches: {s.trials} trials per optimizer, {s.steps} steps each (warmup + cosine decay), "
+                 f"batch {s.batch_size}, objective = mean loss on fixed evaluation batches; AdamW searched with the "
+                 "same budget as the baseline"
+                 + (f"; warm starts transferred from AdamW lr={s.adamw.lr:g}." if s.adamw else "."),
+                 f"- Ranking: best config of each optimizer re-run on {s.seeds} seed(s) "
+                 + ("at equal wall-clock (steps that fit into the time AdamW's run took, from measured step times)."
+                    if s.rank_by == "time" else "at equal steps.")]
+                if not result.meta else
+                ["- Searches and ranking: not run (the model is on the meta device; see the recommendation)."]), ""]
 
     ranked = sorted(result.candidates, key=lambda c: (c.median is None, c.median or 0.0))
     lines += ["## Ranking", "", _table(
         ["optimizer", "median eval loss", "seed spread", "steps", "step time (ms)", "status", "best hyperparameters"],
-        [[("**" + c.name + "**") if c.name == result.winner else c.name, _num(c.median), _num(c.spread),
+        [[("**" + c.name + "**") if c.name == result.winner else c.name, _num(c.median),
+          _num(c.spread if c.median is not None else None),
           c.rank_steps or "-", _num(c.step_seconds * 1e3 if c.step_seconds else None, ".1f"), _status(c),
           _hp(c.hyperparameters)] for c in ranked]), ""]
     if "loss_plot" in files:
@@ -207,6 +210,9 @@ def markdown(result: PlanResult, files: dict[str, Path]) -> str:
     if "overhead_plot" in files:
         lines += ["![overhead](overhead.png)", ""]
 
+    if result.meta:
+        lines += ["## Reproduce", "", "```bash", result.command or f"precondtune plan {result.mf.path}", "```", ""]
+        return "\n".join(lines)
     lines += ["## Search evidence", "", f"Storage: `{result.storage}` (open it with `optuna-dashboard`).", "",
               _table(["optimizer", "study", "complete", "pruned", "failed", "best search loss"],
                      [[c.name, c.search.study, c.search.counts.get("complete", 0), c.search.counts.get("pruned", 0),

@@ -69,6 +69,9 @@ def test_meta_model_gets_memory_and_overhead_and_a_note(tmp_path):
     assert doc["winner"] is None and "meta device" in doc["reason"] and "smaller config" in doc["reason"]
     assert all(o["status"] == "not searched" and o["overhead"] is not None for o in doc["optimizers"])
     assert (out / "memory.png").exists()
+    report = (out / "report.md").read_text()  # it says what ran, and no more
+    assert "Searches and ranking: not run" in report and "trials per optimizer" not in report
+    assert "Search evidence" not in report and "0.0000" not in report
 
 
 def test_bad_options_one_line_exit_2(tmp_path):
