@@ -553,3 +553,10 @@ def test_workers_stop_when_the_parent_is_killed(tiny_model, tmp_path):
     while alive() and time.time() < deadline:
         time.sleep(0.2)
     assert not alive()
+
+
+def test_warm_starts_left_in_the_queue_are_pointed_out(tmp_path):
+    r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--steps", "3", "--trials", "1", "--storage", "memory",
+                            "--enqueue", "lr=0.01", "--enqueue", "lr=0.02"])
+    assert r.exit_code == 0, r.output
+    assert "note: 2 queued trial(s)" in r.stderr

@@ -109,6 +109,10 @@ def _render(r: SearchResult, top: int) -> None:
         stdout.print(f"best: trial {r.best_trial}, {what}: "
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in (r.best_hyperparameters or {}).items()),
                      highlight=False, soft_wrap=True, markup=False)
+    if c.get("waiting"):
+        stderr.print(f"note: {c['waiting']} queued trial(s) (warm starts) wait for the next run: --trials was smaller "
+                     "than the queue; rerun with the same --study-name to run them", highlight=False, markup=False,
+                     soft_wrap=True)
 
 
 def command(
