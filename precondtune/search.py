@@ -170,15 +170,12 @@ def _journal_path(url: str) -> Path | None:
 
 
 def storage_url(url: str | None) -> str:
-    """The URL a study lives at: an SQLite file's path made absolute (the default's too, so the URL recorded
-    in reports finds the file from any directory), other URLs as given."""
-    if url is None:
-        url = DEFAULT_STORAGE
-    if url.startswith("sqlite:///") and not _is_memory(url):
-        path = url[len("sqlite:///"):]
-        if not path or path.endswith("/"):
-            raise ConfigError(f"--storage {url}: no file name; use e.g. sqlite:///studies.db")
-        return "sqlite:///" + str(Path(path).resolve())
+    """The URL a study lives at: the default SQLite file made absolute, other URLs as given (a relative SQLite
+    path stays relative to where the command runs, as the user wrote it); an SQLite URL without a file name fails."""
+    if url is None or url == DEFAULT_STORAGE:
+        return "sqlite:///" + str(Path(DEFAULT_STORAGE[len("sqlite:///"):]).resolve())
+    if url.startswith("sqlite:///") and not _is_memory(url) and url.endswith("/"):
+        raise ConfigError(f"--storage {url}: no file name; use e.g. sqlite:///studies.db")
     return url
 
 
