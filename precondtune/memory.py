@@ -48,7 +48,7 @@ from .memory_trace import (
     trace_step,
     trace_training,
 )
-from .modelfile import ModelFile, _one_line, default_loss, iter_tensors, load_model_file
+from .modelfile import ModelFile, _one_line, check_loss, default_loss, iter_tensors, load_model_file
 
 DEFAULT_RESERVE_GB = 2.0
 """GiB held back from the GPU's memory: the CUDA context (~0.5 GiB with CUDA 12 lazy loading), cuBLAS/cuDNN
@@ -144,16 +144,7 @@ def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
 
 def _scalar_loss(loss: Callable[[nn.Module, Any], torch.Tensor], path: str) -> Callable[[nn.Module, Any], Any]:
     """``loss`` with what it returns checked as the training loop checks it: a scalar tensor."""
-    def checked(model: nn.Module, batch: Any) -> torch.Tensor:
-        out = loss(model, batch)
-        if not torch.is_tensor(out):
-            raise ModelFileError(f"{path}: the loss is a {type(out).__name__}, not a tensor; loss_fn must return a "
-                                 "scalar tensor")
-        if out.numel() != 1:
-            raise ModelFileError(f"{path}: the loss has shape {tuple(out.shape)}, not a scalar; reduce it (e.g. "
-                                 ".mean()) in loss_fn")
-        return out
-    return checked
+    return lambda model, batch: check_loss(loss(model, batch), path)
 
 
 def _shard(x: int, n: int) -> int:

@@ -114,14 +114,30 @@ def tokens_in(batch: Any) -> int:
     return tensors[0].shape[0] if tensors and tensors[0].dim() else 1
 
 
+def _model_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], str]:
+    """How :func:`default_loss` calls the model on ``batch``: (args, kwargs, the call as written)."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch), "model(**batch)"
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return tuple(batch), {}, "model(*batch)"
+    return (batch,), {}, "model(batch)"
+
+
+def check_loss(out: Any, path: Any) -> torch.Tensor:
+    """``out`` if it is a one-element tensor (a scalar loss); else the model file's mistake, as one line."""
+    if not torch.is_tensor(out):
+        raise ModelFileError(f"{path}: the loss is a {type(out).__name__}, not a tensor; loss_fn must return a "
+                             "scalar tensor")
+    if out.numel() != 1:
+        raise ModelFileError(f"{path}: the loss has shape {tuple(out.shape)}, not a scalar; reduce it (e.g. .mean()) "
+                             "in loss_fn")
+    return out
+
+
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """SPEC default: call the model on the batch; a scalar output is the loss, else its ``.loss`` / ``["loss"]``."""
-    if isinstance(batch, Mapping):
-        out = model(**batch)
-    elif isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        out = model(*batch)
-    else:
-        out = model(batch)
+    args, kwargs, _ = _model_call(batch)
+    out = model(*args, **kwargs)
     if torch.is_tensor(out):
         return out
     if isinstance(out, Mapping) and "loss" in out:
@@ -223,22 +239,12 @@ class ModelFile:
             raise
         except Exception as e:
             if self.loss_fn:
-                fix = "fix the model or loss_fn for this batch"
+                fn, fix = "loss_fn", "fix the model or loss_fn for this batch"
             else:
-                call = ("model(**batch)" if isinstance(batch, Mapping) else "model(*batch)"
-                        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields") else "model(batch)")
-                fix = f"without loss_fn the loss is {call}; define loss_fn(model, batch) or fix the model"
-            fn = "loss_fn" if self.loss_fn else "the model's forward"
+                fn, fix = "the model's forward", (f"without loss_fn the loss is {_model_call(batch)[2]}; define "
+                                                  "loss_fn(model, batch) or fix the model")
             raise ModelFileError(f"{self.path}: {fn} raised {_one_line(e)}; {fix}") from e
-        if not torch.is_tensor(out):
-            raise ModelFileError(
-                f"{self.path}: the loss is a {type(out).__name__}, not a tensor; loss_fn must return a scalar tensor"
-            )
-        if out.numel() != 1:
-            raise ModelFileError(
-                f"{self.path}: the loss has shape {tuple(out.shape)}, not a scalar; reduce it (e.g. .mean()) in loss_fn"
-            )
-        return out.reshape(())
+        return check_loss(out, self.path).reshape(())
 
     def check_first_step(self, model: nn.Module, batch: Any) -> float:
         """Run forward+backward once, turning failures (including a NaN/inf loss) into one clear line."""

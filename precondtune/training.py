@@ -90,7 +90,8 @@ class TrialData:
     seed: int
     start_loss: float | None = None
     """The initial model's median training loss over the first :data:`DIVERGE_WINDOW` batches (the divergence
-    check's start); None: the first step's loss."""
+    check's start), measured by the first :func:`train` on the data's device; NaN: not finite (the first step's loss
+    is used)."""
 
 
 def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
@@ -108,11 +109,7 @@ def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
     device = torch.device(device)
     if device.type == "cpu":  # moved once here, so the training loop and evaluation need not move them again
         batches, evals = [move_to(b, device) for b in batches], [move_to(b, device) for b in evals]
-    template = template.cpu()
-    with torch.random.fork_rng(devices=[]), torch.inference_mode():
-        torch.manual_seed(seed)  # dropout: as in the first steps
-        start = statistics.median(float(mf.loss(template, move_to(b, "cpu"))) for b in batches[:DIVERGE_WINDOW])
-    return TrialData(mf, template, batches, evals, device, seed, start if math.isfinite(start) else None)
+    return TrialData(mf, template.cpu(), batches, evals, device, seed)
 
 
 @dataclass
@@ -177,6 +174,11 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
     mf, device = data.mf, data.device
     model = copy.deepcopy(data.template).to(device)
     model.train()
+    if data.start_loss is None:  # once per study, on the initial weights, with the first steps' dropout masks
+        torch.manual_seed(data.seed)
+        with torch.no_grad():  # not inference_mode: a buffer the forward caches is trained with afterwards
+            data.start_loss = statistics.median(float(mf.loss(model, move_to(b, device)))
+                                                for b in data.batches[:DIVERGE_WINDOW])
     opt = build(optimizer, model, routing=routing, **hyperparameters)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule.factor)
     hook = find_hook(opt)
@@ -205,7 +207,7 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
         losses.append(value)
         if step == 0:
             result.start_loss = value
-            start = data.start_loss if data.start_loss is not None else value
+            start = data.start_loss if math.isfinite(data.start_loss) else value
             limit = start + (diverge_factor - 1) * max(abs(start), 1e-12)
         if not math.isfinite(value):
             result.stop_reason, result.diverged = f"diverged: loss {value} at step {step}", True

@@ -163,34 +163,30 @@ def test_tuned_adamw_values_reach_the_fallback_groups():
     assert adam_groups and all(g["lr"] == 3e-3 and tuple(g["betas"]) == (0.9, 0.95) for g in adam_groups)
 
 
-def test_an_optimizer_with_nothing_to_update_is_not_applicable(tmp_path):
-    path = tmp_path / "nomat.py"
-    path.write_text("import torch\nfrom torch import nn\nclass M(nn.Module):\n    def __init__(self):\n"
-                    "        super().__init__()\n        self.emb = nn.Embedding(10, 4)\n"
-                    "    def forward(self, x):\n        return self.emb(x).pow(2).mean()\n"
-                    "def build_model():\n    return M()\n"
-                    "def sample_batch(n):\n    return torch.randint(10, (n, 3))\n")
-    r = runner.invoke(app, ["plan", str(path), "-o", "adamw,muon", *TINY, "--storage", "memory",
+NOMAT = ("import torch\nfrom torch import nn\nclass M(nn.Module):\n    def __init__(self):\n"
+         "        super().__init__()\n        self.emb = nn.Embedding(10, 4)\n"
+         "    def forward(self, x):\n        return self.emb(x).pow(2).mean()\n"
+         "def build_model():\n    return M()\n"
+         "def sample_batch(n):\n    return torch.randint(10, (n, 3))\n")
+NOLOGITS = ("import torch\nimport torch.nn.functional as F\n"
+            "def build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))\n"
+            "def sample_batch(n):\n    return torch.randn(n, 4), torch.randint(3, (n,))\n"
+            "def loss_fn(model, batch):\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
+
+
+@pytest.mark.parametrize("source, name, status, needle", [
+    (NOMAT, "muon", "not applicable", ""),  # nothing for Muon to update
+    (NOLOGITS, "sophia", "not searched", "--set estimator=hutchinson"),  # its default estimator needs logits_fn
+])
+def test_an_optimizer_this_model_cannot_take_is_noted_and_the_plan_goes_on(tmp_path, source, name, status, needle):
+    path = tmp_path / "model.py"
+    path.write_text(source)
+    r = runner.invoke(app, ["plan", str(path), "-o", f"adamw,{name}", *TINY, "--storage", "memory",
                             "--out", str(tmp_path / "r"), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    muon = next(o for o in doc["optimizers"] if o["name"] == "muon")
-    assert muon["status"] == "not applicable" and muon["median_eval_loss"] is None
-    assert doc["winner"] == "adamw"
-
-
-def test_an_optimizer_the_model_file_cannot_search_is_noted_and_the_plan_goes_on(tmp_path):
-    path = tmp_path / "nologits.py"  # Sophia's default estimator needs logits_fn
-    path.write_text("import torch\nimport torch.nn.functional as F\n"
-                    "def build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))\n"
-                    "def sample_batch(n):\n    return torch.randn(n, 4), torch.randint(3, (n,))\n"
-                    "def loss_fn(model, batch):\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
-    r = runner.invoke(app, ["plan", str(path), "-o", "adamw,sophia", *TINY, "--storage", "memory",
-                            "--out", str(tmp_path / "r"), "--json"])
-    assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout)
-    sophia = next(o for o in doc["optimizers"] if o["name"] == "sophia")
-    assert sophia["status"] == "not searched" and "--set estimator=hutchinson" in sophia["note"]
+    row = next(o for o in doc["optimizers"] if o["name"] == name)
+    assert row["status"] == status and row["median_eval_loss"] is None and needle in (row["note"] or "")
     assert doc["winner"] == "adamw"
 
 

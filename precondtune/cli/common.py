@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import PrecondtuneError
+from ..errors import ConfigError, PrecondtuneError
 from ..units import human_bytes, human_count  # noqa: F401 - re-exported for the commands
 
 stdout = Console()
@@ -78,18 +80,15 @@ def handle_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def check_writable(path: str, option: str) -> None:
-    """Fail before any work when ``path`` cannot be written later: empty, a directory, or under a file or an
-    unwritable directory (missing directories are made when it is written)."""
-    import os
-    from pathlib import Path
-
-    from ..errors import ConfigError
-
+def check_writable(path: str | os.PathLike[str], option: str, *, directory: bool = False) -> None:
+    """Fail before any work when ``path`` (a file, or with ``directory`` a directory) cannot be written later:
+    empty, the wrong kind, or under a file or an unwritable directory (missing directories are made on write)."""
     target = Path(path)
-    if not path.strip() or target.is_dir():
-        raise ConfigError(f"{option} {path!r} is {'empty' if not path.strip() else 'a directory'}; give a file "
-                          f"name such as {target / 'trials.csv' if path.strip() else 'trials.csv'}")
+    if not str(path).strip():
+        raise ConfigError(f"{option} is empty; give a {'directory' if directory else 'file name such as trials.csv'}")
+    if target.exists() and target.is_dir() != directory:
+        raise ConfigError(f"{option} {path} is {'a file' if directory else 'a directory'}; give a "
+                          f"{'directory (it is created if missing)' if directory else 'file name inside it'}")
     blocker = next(a for a in target.absolute().parents if a.exists())
     if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
         why = "is a file, not a directory" if not blocker.is_dir() else "is not writable"

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..common import (
     TrialStepsOpt,
     WorkersOpt,
     WorldSizeOpt,
+    check_writable,
     emit_json,
     handle_errors,
     human_bytes,
@@ -94,13 +94,8 @@ def command(
     with handle_errors(debug):
         if fmt.lower() not in ("yaml", "json"):
             raise ConfigError(f"--format {fmt!r}; valid: yaml, json")
-        if out is not None and out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} is a file; give a directory (it is created if missing)")
-        if out is not None:  # a parent that is a file or unwritable fails now, not after the searches
-            blocker = next(a for a in out.absolute().parents if a.exists())
-            if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
-                why = "is a file, not a directory" if not blocker.is_dir() else "is not writable"
-                raise ConfigError(f"--out {out}: {blocker} {why}; give a directory that can be created")
+        if out is not None:  # a file, or a parent that is a file or unwritable, fails now, not after the searches
+            check_writable(out, "--out", directory=True)
         adamw = adamw_reference(adam_lr, adam_betas, adam_weight_decay)
         settings = PlanSettings(optimizers=optimizer, batch_size=batch_size, trials=trials, steps=steps, seeds=seeds,
                                 rank_by=rank_by, storage=storage, study_prefix=study_name, workers=workers,
