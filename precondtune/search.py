@@ -42,11 +42,13 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
+from . import stopping
 from .errors import ConfigError, PrecondtuneError
 from .inventory import count_parameters
 from .modelfile import ModelFile, _one_line, load_model_file, move_to
 from .optim import OptimizerSpec, build, config_dict, get_spec, make_config
 from .profiling import resolve_device
+from .stopping import Terminated
 from .training import Schedule, TrialData, find_hook, prepare, train
 
 DEFAULT_STORAGE = "sqlite:///precondtune-studies.db"
@@ -524,6 +526,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
         try:
+            stopping.check()
             hp = config_dict(self.config(trial))
             trial.set_user_attr("hyperparameters", _jsonable(hp))
             pruner = self.settings.pruner
@@ -538,8 +541,9 @@ class Objective:
                            report_every=self.settings.report_every, callback=report)
         except optuna.TrialPruned:
             raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", INTERRUPTED + " (Ctrl-C); rerun the same command to resume")
+        except KeyboardInterrupt as e:
+            how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+            trial.set_user_attr("fail_reason", f"{INTERRUPTED} ({how}); rerun the same command to resume")
             raise
         except Exception as e:
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
@@ -751,6 +755,7 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
     """One extra ``--workers`` process: its share of the new trials on the same study. What the model file prints
     goes to stderr: the parent's stdout may be carrying a ``--json`` document."""
     sys.stdout = sys.stderr
+    stopping.install()
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
@@ -762,10 +767,16 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
                                settings.trials)
         study = optuna.load_study(study_name=study_name, storage=ref.storage, sampler=sampler,
                                   pruner=make_pruner(settings.pruner, obj.schedule, settings.report_every))
-        study.optimize(obj, n_trials=n_trials, timeout=settings.timeout, catch=(Exception,),
-                       callbacks=[*_observers(study.pruner), _stop_without_parent])
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it in one line
-        sys.exit(130)
+        with stopping.deferred():
+            study.optimize(obj, n_trials=n_trials, timeout=settings.timeout, catch=(Exception,),
+                           callbacks=[*_observers(study.pruner), _stop_without_parent, _between_trials])
+    except KeyboardInterrupt as e:  # Ctrl-C reaches the whole process group; the parent reports it in one line
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+def _between_trials(_study: optuna.Study, _trial: Any) -> None:
+    """A study callback: a Ctrl-C/SIGTERM that came while the trial was being told stops the search here."""
+    stopping.check()
 
 
 def _stop_without_parent(study: optuna.Study, _trial: Any) -> None:
@@ -936,26 +947,29 @@ def _rerun_seeds(obj: Objective, study: optuna.Study, settings: SearchSettings) 
     stored = {int(k): v for k, v in study.user_attrs.get("seed_runs", {}).items()}
     runs: dict[int, list[float]] = {}
     datas = {}
-    for t in done:
-        values = [float(t.value)]
-        for s in range(settings.seed + 1, settings.seed + settings.seeds):
-            mine = stored.get(t.number, {})
-            cached = (math.inf if mine[str(s)] is None else mine[str(s)]) if str(s) in mine else None
-            if cached is None:
-                if s not in datas:
-                    datas[s] = prepare(obj.mf, steps=settings.steps, batch_size=settings.batch_size, seed=s,
-                                       device=obj.data.device)
-                try:
-                    r = train(datas[s], obj.spec.name, t.user_attrs["hyperparameters"], schedule=obj.schedule,
-                              routing=obj.routing)
-                    cached = r.eval_loss if r.eval_loss is not None else math.inf
-                except Exception:  # noqa: BLE001 - a seed that crashes counts as a diverged run
-                    cached = math.inf
-                stored.setdefault(t.number, {})[str(s)] = cached
-            values.append(float(cached))
-        runs[t.number] = values
-    study.set_user_attr("seed_runs", {str(k): {s: (v if math.isfinite(v) else None) for s, v in d.items()}
-                                      for k, d in stored.items()})
+    try:
+        with stopping.deferred():
+            for t in done:
+                values = [float(t.value)]
+                for s in range(settings.seed + 1, settings.seed + settings.seeds):
+                    mine = stored.get(t.number, {})
+                    cached = (math.inf if mine[str(s)] is None else mine[str(s)]) if str(s) in mine else None
+                    if cached is None:
+                        if s not in datas:
+                            datas[s] = prepare(obj.mf, steps=settings.steps, batch_size=settings.batch_size, seed=s,
+                                               device=obj.data.device)
+                        try:
+                            r = train(datas[s], obj.spec.name, t.user_attrs["hyperparameters"],
+                                      schedule=obj.schedule, routing=obj.routing)
+                            cached = r.eval_loss if r.eval_loss is not None else math.inf
+                        except Exception:  # noqa: BLE001 - a seed that crashes counts as a diverged run
+                            cached = math.inf
+                        stored.setdefault(t.number, {})[str(s)] = cached
+                    values.append(float(cached))
+                runs[t.number] = values
+    finally:  # stopped by Ctrl-C/SIGTERM: the seed runs finished so far are kept for the resumed run
+        study.set_user_attr("seed_runs", {str(k): {s: (v if math.isfinite(v) else None) for s, v in d.items()}
+                                          for k, d in stored.items()})
     return runs
 
 
@@ -1054,12 +1068,18 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
         warnings.simplefilter("ignore")
         try:
             if shares[0]:
-                study.optimize(obj, n_trials=shares[0], timeout=settings.timeout, catch=(Exception,),
-                               callbacks=[*_observers(pruner), tick])
+                with stopping.deferred():
+                    study.optimize(obj, n_trials=shares[0], timeout=settings.timeout, catch=(Exception,),
+                                   callbacks=[*_observers(pruner), tick, _between_trials])
             for p in procs:
                 while p.is_alive():
                     p.join(timeout=1.0)
                     tick(study, None)
+        except Terminated:  # Ctrl-C reaches the workers from the terminal; a SIGTERM to this process is passed on
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            raise
         finally:
             for p in procs:
                 if p.is_alive():

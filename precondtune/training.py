@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import stopping
 from .errors import ConfigError
 from .modelfile import ModelFile, is_meta, move_to
 from .optim import build
@@ -190,6 +191,7 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
     limit = float("inf")
     window = 0.0
     for step in range(schedule.steps):
+        stopping.check()  # a Ctrl-C/SIGTERM during a search stops here, between steps
         batch = data.batches[step % len(data.batches)]
         if device.type != "cpu":
             batch = move_to(batch, device)
@@ -229,6 +231,7 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
                     result.stop_reason = verdict
                     break
     if result.stop_reason is None:
+        stopping.check()
         result.eval_loss = evaluate(mf, model, data.eval_batches, device)
         if not math.isfinite(result.eval_loss):
             result.stop_reason, result.diverged = f"diverged: final eval loss {result.eval_loss}", True

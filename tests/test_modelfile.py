@@ -135,15 +135,17 @@ def test_what_a_model_file_prints_goes_to_stderr_under_json(tmp_path):
 
     path = tmp_path / "chatty.py"
     path.write_text(
-        "import torch\nimport torch.nn.functional as F\nprint('loading my model...')\n"
-        "def build_model():\n    print('building')\n    return torch.nn.Linear(8, 4)\n"
+        "import os\nimport torch\nimport torch.nn.functional as F\nprint('loading my model...')\n"
+        "def build_model():\n    print('building')\n    os.system('echo from-a-subprocess')\n"
+        "    os.write(1, b'straight-to-fd-1\\n')\n    return torch.nn.Linear(8, 4)\n"
         "def sample_batch(n):\n    return torch.randn(n, 8), torch.randint(4, (n,))\n"
         "def loss_fn(model, batch):\n    print('loss!')\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
     for args in (["memory", str(path), "-o", "adamw", "--json"], ["profile", str(path), "--json", "--steps", "1"]):
         r = subprocess.run([sys.executable, "-m", "precondtune", *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         json.loads(r.stdout)  # the document alone
-        assert "building" in r.stderr and "building" not in r.stdout
+        for text in ("building", "from-a-subprocess", "straight-to-fd-1"):  # Python, a child process, descriptor 1
+            assert text in r.stderr and text not in r.stdout
     r = subprocess.run([sys.executable, "-m", "precondtune", "memory", str(path), "-o", "adamw"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "building" in r.stdout  # without --json prints stay where the file put them

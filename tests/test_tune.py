@@ -555,6 +555,46 @@ def test_workers_stop_when_the_parent_is_killed(tiny_model, tmp_path):
     assert not alive()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes")
+@pytest.mark.parametrize(("sig", "workers", "code", "last_line", "how"), [
+    (signal.SIGTERM, 2, 143, "terminated", "SIGTERM"), (signal.SIGINT, 1, 130, "interrupted", "Ctrl-C")])
+def test_sigterm_and_ctrl_c_stop_a_search_between_steps(tmp_path, sig, workers, code, last_line, how):
+    """A kill or a scheduler's preemption (SIGTERM, passed on to the workers) and Ctrl-C fail the running trials
+    with the reason and leave nothing RUNNING for the heartbeat to find later; the study resumes."""
+    slow = tmp_path / "slow.py"  # 20 ms a step: the signal comes during a trial's training steps
+    text = OVERFLOWING_MODEL.replace("    x, y = batch\n", "    x, y = batch\n    time.sleep(0.02)\n")
+    slow.write_text(text.replace("import torch\n", "import time\nimport torch\n", 1))
+    assert "time.sleep" in text
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    args = ["tune", str(slow), "--steps", "40", "--batch-size", "16", "--storage", url, "--study-name", "t",
+            "--pruner", "none", "--workers", str(workers)]
+    proc = _cli(*args, "--trials", "100000", cwd=tmp_path)
+    deadline = time.time() + 120
+    while len(_complete(url, "t")) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    children = _children(proc.pid)
+    assert len(children) >= workers - 1
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == last_line and "Traceback" not in err
+    deadline = time.time() + 20
+    while any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
+              for w in children) and time.time() < deadline:
+        time.sleep(0.2)
+    study = optuna.load_study(study_name="t", storage=url)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    reasons = [t.user_attrs.get("fail_reason", "") for t in trials if t.state == TrialState.FAIL]
+    assert reasons and all(r.startswith(f"interrupted ({how})") for r in reasons), reasons
+    before = _complete(url, "t")
+    rerun = _cli(*args, "--trials", "2", cwd=tmp_path)
+    _, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    after = _complete(url, "t")
+    assert all(after.get(n) == v for n, v in before.items()) and len(after) == len(before) + 2
+
+
 def test_warm_starts_left_in_the_queue_are_pointed_out(tmp_path):
     r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--steps", "3", "--trials", "1", "--storage", "memory",
                             "--enqueue", "lr=0.01", "--enqueue", "lr=0.02"])

@@ -42,6 +42,9 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         from click import exceptions as click_exceptions
 
+    from .. import stopping
+
+    stopping.install()  # Ctrl-C and SIGTERM stop a search between steps, resumable
     usage_error = click_exceptions.UsageError
     abort = getattr(click_exceptions, "Abort", KeyboardInterrupt)
     exit_ = getattr(click_exceptions, "Exit", SystemExit)
@@ -54,17 +57,20 @@ def main() -> None:
         hint = f" (see `precondtune {e.ctx.info_name} --help`)" if e.ctx is not None and e.ctx.parent else ""
         print(f"error: {message}{hint}", file=sys.stderr)
         sys.exit(2)
-    except abort:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except abort as e:
+        terminated = isinstance(e.__cause__, stopping.Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
     except exit_ as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def _run_app() -> object:
-    """``app`` with, under ``--json``, stdout carrying the JSON document alone: whatever else is printed (a model
-    file's prints) goes to stderr."""
+    """``app`` with, under ``--json``, stdout carrying the JSON document alone: whatever else is printed goes to
+    stderr, Python's prints and writes to file descriptor 1 alike (a model file's ``os.system("echo …")``, a
+    library's C code, worker processes, which inherit the descriptors)."""
+    import os
     import sys
     from contextlib import redirect_stdout
 
@@ -72,9 +78,19 @@ def _run_app() -> object:
 
     if "--json" not in sys.argv[1:]:
         return app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
-    common.JSON_OUT = sys.stdout
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no descriptor 1 or 2 to move: Python-level redirection only
+        saved = None
+    common.JSON_OUT = sys.stdout if saved is None else os.fdopen(os.dup(saved), "w", encoding="utf-8")
     try:
         with redirect_stdout(sys.stderr):
             return app(standalone_mode=False)
     finally:
+        if saved is not None:
+            common.JSON_OUT.close()
+            os.dup2(saved, 1)
+            os.close(saved)
         common.JSON_OUT = None

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import ConfigError, PrecondtuneError
+from ..stopping import Terminated
 from ..units import human_bytes, human_count  # noqa: F401 - re-exported for the commands
 
 stdout = Console()
@@ -68,9 +69,10 @@ def handle_errors(debug: bool) -> Iterator[None]:
             raise
         stderr.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("interrupted", highlight=False)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        stderr.print("terminated" if terminated else "interrupted", highlight=False)
+        raise typer.Exit(143 if terminated else 130) from None
     except Exception as e:
         if debug:
             raise

@@ -1,0 +1,65 @@
+"""Stopping on Ctrl-C and SIGTERM without tearing a storage write in half.
+
+Python raises :class:`KeyboardInterrupt` wherever the main thread is when the signal comes, which inside a
+search can be halfway through an Optuna storage call: the trial is left RUNNING, or the process's own open
+SQLite transaction locks it out of the write that would fail the trial. Inside :func:`deferred` (around
+``study.optimize`` and the seed re-runs) a first signal is only recorded, and :func:`check` raises it at the next
+safe point: before a training step, before the final evaluation, between trials. A second signal, or one outside
+:func:`deferred`, raises at once. SIGTERM (``kill``, a scheduler preempting the job) raises :class:`Terminated`,
+a :class:`KeyboardInterrupt`, so both stop the same way: the running trial fails with the reason and the study
+resumes. ``precondtune`` exits 130 after Ctrl-C and 143 after SIGTERM.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's :class:`KeyboardInterrupt` is."""
+
+
+_pending: list[int] = []
+"""The signal waiting for :func:`check`, if any."""
+_depth = 0
+
+
+def _exception(signum: int) -> KeyboardInterrupt:
+    return Terminated("terminated (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _handler(signum: int, _frame: Any) -> None:
+    if _depth > 0 and not _pending:
+        _pending.append(signum)
+        return
+    _pending.clear()
+    raise _exception(signum)
+
+
+def install() -> None:
+    """Handle Ctrl-C and SIGTERM as the module docstring says (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A region whose first Ctrl-C/SIGTERM waits for :func:`check`; one still pending at the end is raised."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+    check()
+
+
+def check() -> None:
+    """Raise the signal recorded inside :func:`deferred`, if there is one."""
+    if _pending:
+        raise _exception(_pending.pop())
