@@ -31,6 +31,7 @@ from torch import nn
 
 from . import optim
 from .errors import ConfigError
+from .inventory import ROLES
 
 SCHEMA_VERSION = 1
 KEYS = ("schema_version", "optimizer", "hyperparameters", "param_groups", "estimates", "evidence")
@@ -143,6 +144,10 @@ def validate(doc: Any, *, where: str = "config") -> RecommendedConfig:
         if "match" not in g:
             raise ConfigError(f"{at}: missing key 'match' (a regular expression over roles, e.g. 'embedding|head')")
         rule: dict[str, Any] = {"match": _check_regex(g["match"], f"{at}.match")}
+        if not any(re.fullmatch(rule["match"], role) for role in ROLES):
+            raise ConfigError(f"{at}.match {rule['match']!r} matches no role, so the rule would apply to nothing; "
+                              f"match is full-matched against a parameter's role: {', '.join(ROLES)} "
+                              "(a parameter name goes in 'name')")
         if g.get("name") is not None:
             rule["name"] = _check_regex(g["name"], f"{at}.name")
         if g.get("optimizer") is not None and not isinstance(g["optimizer"], str):
@@ -166,6 +171,8 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> RecommendedConfi
     if isinstance(source, Mapping):
         return validate(source)
     path = Path(source)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give the config file in it, e.g. {path / 'recommended.yaml'}")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file; write one with `precondtune transfer` or `precondtune plan`")
     try:
@@ -241,4 +248,9 @@ def build_optimizer(model: nn.Module | Any, config: str | os.PathLike[str] | Map
     config says (``precondtune.build_optimizer(model, "recommended.yaml")``)."""
     cfg = config if isinstance(config, RecommendedConfig) else load(config)
     hp = {k: as_tuples(v) for k, v in cfg.hyperparameters.items()}
-    return optim.build(cfg.optimizer, model, routing=routing(cfg), **hp)
+    try:
+        return optim.build(cfg.optimizer, model, routing=routing(cfg), **hp)
+    except ConfigError as e:  # the file's routing cannot take this model: say which file
+        if isinstance(config, (str, os.PathLike)):
+            raise ConfigError(f"{config}: {e}") from None
+        raise

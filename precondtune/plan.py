@@ -151,6 +151,8 @@ class PlanResult:
     meta: bool
     seconds: float = 0.0
     command: str = ""
+    timing_warning: str | None = None
+    """Set when the two timing passes disagreed (:func:`measure_side_by_side`)."""
 
     @property
     def by_name(self) -> dict[str, Candidate]:
@@ -236,14 +238,21 @@ TIMED_STEPS = 10
 """Timed steps per optimizer and pass (raised by the timer to cover refresh periods)."""
 
 
+TIMING_DISAGREEMENT = 1.5
+"""Two timing passes of one config further apart than this ratio: the step times are called uncertain."""
+
+
 def measure_side_by_side(mf: ModelFile, settings: PlanSettings, cands: list[Candidate], device: str,
-                         progress: Progress) -> None:
+                         progress: Progress) -> str | None:
     """Amortized seconds per whole training step of each candidate's best config, measured in one stage on one
     batch: two passes in opposite orders, the faster of the two kept (robust to load drifting during the stage).
-    Refresh steps are timed on their own and amortized over their period (:func:`flops.measure_step_times`)."""
+    Refresh steps are timed on their own and amortized over their period (:func:`flops.measure_step_times`).
+    Returns a warning when the passes disagree by more than :data:`TIMING_DISAGREEMENT` for some config (other
+    work on the machine), else None."""
     batch = mf.sample_batch(settings.batch_size)
     dev = resolve_device(device)
     best: dict[str, float] = {}
+    worst: dict[str, float] = {}
     order = cands + cands[::-1]
     for k, c in enumerate(order):
         progress("timing steps", k, len(order))
@@ -252,9 +261,16 @@ def measure_side_by_side(mf: ModelFile, settings: PlanSettings, cands: list[Cand
                                seed=settings.seed, hyperparameters=po_config(c),
                                routing=fallback_routing(po.get_spec(c.name), settings.adamw))
         best[c.name] = min(best.get(c.name, math.inf), m.amortized_step_seconds)
+        worst[c.name] = max(worst.get(c.name, 0.0), m.amortized_step_seconds)
     progress("timing steps", len(order), len(order))
     for c in cands:
         c.step_seconds = best[c.name]
+    name = max(best, key=lambda n: worst[n] / best[n] if best[n] > 0 else 1.0, default=None)
+    if name is None or best[name] <= 0 or worst[name] / best[name] <= TIMING_DISAGREEMENT:
+        return None
+    return (f"step times are uncertain: {name} timed {best[name] * 1e3:.1f} and {worst[name] * 1e3:.1f} ms a step in "
+            "the two timing passes (other work on the machine?), and the equal-wall-clock steps follow the timings; "
+            "rerun on an idle machine, or rank with --rank-by steps")
 
 
 def _rank_run(mf: ModelFile, settings: PlanSettings, cand: Candidate, steps: int, device: str) -> list[TrainResult]:
@@ -432,7 +448,11 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         searched = [c for c in searched if c.fits]
     log("5/5 timing the best configs side by side, then ranking them"
         + (" at equal wall-clock" if settings.rank_by == "time" else " at equal steps"))
-    measure_side_by_side(mf, settings, searched, device, progress)
+    timing_warning = measure_side_by_side(mf, settings, searched, device, progress)
+    if settings.rank_by != "time":  # the ranking does not use the timings
+        timing_warning = None
+    if timing_warning:
+        log("warning: " + timing_warning)
     adamw = next((c for c in searched if c.name == "adamw"), None)
     budget = adamw.step_seconds * settings.steps if adamw is not None and adamw.step_seconds else None
     for k, c in enumerate(searched):
@@ -455,7 +475,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     progress("ranking runs", len(searched), len(searched))
     winner, reason = decide(candidates)
     return PlanResult(mf, settings, prof, memory, flops, candidates, storage, winner, reason, meta,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, timing_warning=timing_warning)
 
 
 def recommended_config(result: PlanResult) -> dict[str, Any]:

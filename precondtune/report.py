@@ -186,6 +186,8 @@ def markdown(result: PlanResult, files: dict[str, Path]) -> str:
           _num(c.spread if c.median is not None else None),
           c.rank_steps or "-", _num(c.step_seconds * 1e3 if c.step_seconds else None, ".1f"), _status(c),
           _hp(c.hyperparameters)] for c in ranked]), ""]
+    if result.timing_warning:
+        lines += [f"**Warning:** {result.timing_warning}.", ""]
     if "loss_plot" in files:
         lines += ["![loss curves](loss_curves.png)", ""]
 

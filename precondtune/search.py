@@ -171,6 +171,18 @@ def _journal_path(url: str) -> Path | None:
     return None
 
 
+def resume_options(settings: SearchSettings) -> str:
+    """The options that select ``settings``' study again: its name and storage, and the trial settings the study
+    was made with where they are not the defaults."""
+    default = SearchSettings(optimizer=settings.optimizer)
+    parts = []
+    for key, flag in (("steps", "--steps"), ("batch_size", "--batch-size"), ("seed", "--seed"),
+                      ("warmup", "--warmup"), ("decay", "--decay")):
+        if getattr(settings, key) != getattr(default, key):
+            parts.append(f"{flag} {getattr(settings, key)}")
+    return " ".join(parts)
+
+
 def storage_url(url: str | None) -> str:
     """The URL a study lives at: the default SQLite file made absolute, other URLs as given (a relative SQLite
     path stays relative to where the command runs, as the user wrote it); an SQLite URL without a file name fails."""
@@ -665,8 +677,8 @@ def _study_attrs(mf: ModelFile, settings: SearchSettings, spec: OptimizerSpec, p
 
 def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, pruner: Any, *,
                create: bool = True) -> optuna.Study:
-    """Load ``name`` (checking it was made for this optimizer, model and trial settings) or, with ``create``,
-    create it."""
+    """Load ``name`` (checking it was made for this optimizer and model, and, when trials are to be added, trial
+    settings) or, with ``create``, create it."""
     try:
         ref.storage.get_study_id_from_name(name)
         existing = True
@@ -680,8 +692,8 @@ def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, 
     if existing:
         study = optuna.load_study(study_name=name, storage=ref.storage, sampler=sampler, pruner=pruner)
         old = study.user_attrs
-        for key, what in (("optimizer", "optimizer"), ("trainable_parameters", "model"),
-                          ("trial_settings", "trial settings")):
+        checked = (("optimizer", "optimizer"), ("trainable_parameters", "model"), ("trial_settings", "trial settings"))
+        for key, what in checked if create else checked[:2]:  # only shown: the study's own settings hold
             if key in old and old[key] != attrs[key]:
                 raise ConfigError(
                     f"study {name!r} in {ref.url} was made for {what} {old[key]} (this run: {attrs[key]}); "
@@ -1024,6 +1036,9 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     ref = open_storage(settings.storage, workers=settings.workers)
     attrs = _study_attrs(mf, settings, obj.spec, trainable)
     study = open_study(ref, name, attrs, None, pruner, create=settings.trials > 0)
+    if settings.trials == 0 and isinstance(stored := study.user_attrs.get("trial_settings"), dict):
+        settings = dataclasses.replace(settings, **{k: stored[k] for k in ("steps", "batch_size", "seed", "warmup",
+                                                                             "decay") if k in stored})
     retries = _fail_stale_trials(study) if settings.trials > 0 else 0
     # trials this run did not start: finished ones, and RUNNING ones (another worker's, or a killed run's that
     # the heartbeat check will fail) — none of them counts as this run's new trials

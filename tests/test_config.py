@@ -90,6 +90,8 @@ def test_exponent_numbers_written_by_hand_are_floats(tmp_path):
     ({"param_groups": [{"match": "vector", "optimizer": "adamw", "hyperparameters": {"betas": 0.9}}]},
      "betas=0.9 must be a list"),
     ({"param_groups": [{"match": "vector", "optimizer": 3}]}, "param_groups[0].optimizer must name"),
+    ({"param_groups": [{"match": "embeddings", "optimizer": "adamw"}]},  # a typo would silently route nothing
+     "param_groups[0].match 'embeddings' matches no role"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(tmp_path, change, key):
     doc = {**DOC, **change}
@@ -113,6 +115,30 @@ def test_not_a_mapping_and_missing_file_are_clear(tmp_path):
         pc.load(tmp_path / "broken.yaml")
     with pytest.raises(ConfigError, match="no such config file"):
         pc.load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a directory; give the config file in it"):
+        pc.load(tmp_path)
+
+
+def test_a_routing_the_model_cannot_take_names_the_file(tmp_path):
+    path = tmp_path / "muon.yaml"  # vectors sent to Muon, which updates matrices
+    path.write_text(yaml.safe_dump({**DOC, "param_groups": [{"match": "vector", "optimizer": "muon"}]}))
+    with pytest.raises(ConfigError, match=r"muon\.yaml: .*vector"):
+        precondtune.build_optimizer(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), path)
+
+
+@pytest.mark.parametrize("name", ["muon", "galore"])
+def test_hand_made_param_groups_with_vectors_fail_at_construction_naming_the_fix(name):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    groups = [{"params": [p for p in model.parameters() if p.ndim == 2]},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    with pytest.raises(ConfigError, match=rf"param group 1 holds a parameter of shape \(8,\).*build\('{name}', model\)"):
+        precondtune.optim.build(name, groups)
+    precondtune.optim.build(name, model)  # the model routes its vectors to AdamW
+
+
+def test_iso_adam_without_the_model_names_itself():
+    with pytest.raises(ConfigError, match=r"build\('iso-adam', model\)"):
+        precondtune.optim.build("iso-adam", list(torch.nn.Linear(4, 4).parameters()))
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """`precondtune plan` end to end on tiny settings: outputs, a loadable config, nothing-fits, meta models, resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -319,3 +320,29 @@ def test_plan_runs_on_a_model_with_a_raw_matrix_parameter(tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {o["name"]: o["status"] for o in doc["optimizers"]}["iso"] == "ranked"
+
+
+def test_timing_passes_that_disagree_are_pointed_out(tmp_path, monkeypatch):
+    """Other work on the machine during the timing stage: the equal-wall-clock steps rest on uncertain timings,
+    and the console, report.md and --json say so; with agreeing passes nothing is said."""
+    from precondtune import plan as plan_module
+
+    real, calls = plan_module.measure_step_times, []
+
+    def busy_second_pass(*a, **k):
+        m = real(*a, **k)
+        calls.append(a[1])
+        slow = len(calls) > 2 and a[1] == "adamw"  # the second pass of AdamW ran 3x slower
+        return dataclasses.replace(m, amortized_step_seconds=m.amortized_step_seconds * 3) if slow else m
+
+    monkeypatch.setattr(plan_module, "measure_step_times", busy_second_pass)
+    args = ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw,adam-mini", *TINY, "--storage", "memory"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "r"), "--json"])
+    assert r.exit_code == 0, r.output
+    warning = json.loads(r.stdout)["timing_warning"]
+    assert warning.startswith("step times are uncertain: adamw timed") and "--rank-by steps" in warning
+    assert f"**Warning:** {warning}." in (tmp_path / "r" / "report.md").read_text()
+    assert "warning: step times are uncertain" in r.stderr
+    monkeypatch.setattr(plan_module, "measure_step_times", real)
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "q"), "--json", "--rank-by", "steps"])
+    assert json.loads(quiet.stdout)["timing_warning"] is None

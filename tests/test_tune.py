@@ -600,3 +600,20 @@ def test_warm_starts_left_in_the_queue_are_pointed_out(tmp_path):
                             "--enqueue", "lr=0.01", "--enqueue", "lr=0.02"])
     assert r.exit_code == 0, r.output
     assert "note: 2 queued trial(s)" in r.stderr
+
+
+def test_the_resume_hint_selects_the_study_again_and_trials_0_shows_it_with_its_own_settings(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--steps", "4", "--batch-size", "4", "--trials", "1",
+                                "--storage", url])
+    assert first.exit_code == 0, first.output
+    hint = first.stderr.split("(resume: ", 1)[1].split(")", 1)[0]
+    assert hint == f"--study-name mlp-adamw --storage {url} --steps 4 --batch-size 4"
+    again = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "1", *hint.split()])
+    assert again.exit_code == 0, again.output
+    shown = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "0", "--storage", url, "--json"])
+    assert shown.exit_code == 0, shown.output  # showing needs none of the study's trial settings
+    doc = json.loads(shown.stdout)
+    assert doc["trials"]["complete"] + doc["trials"]["pruned"] == 2
+    other = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "1", "--storage", url])
+    assert other.exit_code == 2 and "trial settings" in other.stderr  # adding trials still needs them

@@ -93,11 +93,12 @@ class GaLore(PrecondOptimizer):
 
     Config = Config
 
+    def __init__(self, params: Any, **hyperparameters: Any) -> None:
+        super().__init__(params, **hyperparameters)
+        self._refuse_shapes("galore", lambda p: p.dim() == 2, "2-D parameters only")
+
     def _step_group(self, group: dict[str, Any], c: Config) -> None:
         for p in self._params_with_grad(group):
-            if p.dim() != 2:
-                raise ValueError(f"GaLore updates 2-D parameters only; got shape {tuple(p.shape)} "
-                                 "(route it to adamw)")
             grad = p.grad
             _, _, r, right = _layout(tuple(p.shape), c.rank)
             state = self.state[p]

@@ -173,8 +173,9 @@ class _IsoBase(PrecondOptimizer):
         super().__init__(params, **hyperparameters)
         name = type(self).__name__
         if model is None:
+            registered = "iso-adam" if isinstance(self, IsoAdam) else "iso"
             raise ConfigError(f"{name} preconditions nn.Linear weights with statistics captured by module hooks, "
-                              f"so it needs the model: precondtune.optim.build('{SPEC.name}', model) rather than "
+                              f"so it needs the model: precondtune.optim.build('{registered}', model) rather than "
                               "bare parameters or param groups")
         linears: dict[int, list[nn.Module]] = {}
         for module in model.modules():

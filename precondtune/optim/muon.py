@@ -113,6 +113,10 @@ class Muon(PrecondOptimizer):
 
     Config = Config
 
+    def __init__(self, params: Any, **hyperparameters: Any) -> None:
+        super().__init__(params, **hyperparameters)
+        self._refuse_shapes("muon", lambda p: p.dim() >= 2, "matrices (2-D and up)")
+
     def _step_group(self, group: dict[str, Any], c: Config) -> None:
         role = group.get("role")
         for p in self._params_with_grad(group):

@@ -228,6 +228,18 @@ class PrecondOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self.group_config(group)  # validate per-group overrides now, not at the first step
 
+    def _refuse_shapes(self, name: str, accepts: Callable[[torch.Tensor], bool], what: str) -> None:
+        """At construction, not at the first step: a ConfigError for a parameter this optimizer cannot update
+        (param groups given by hand skip the routing that sends such parameters to AdamW)."""
+        for k, group in enumerate(self.param_groups):
+            bad = next((p for p in group["params"] if not accepts(p)), None)
+            if bad is not None:
+                raise ConfigError(
+                    f"{type(self).__name__} updates {what}; param group {k} holds a parameter of shape "
+                    f"{tuple(bad.shape)}. Pass the model or a flat list of parameters "
+                    f"(precondtune.optim.build('{name}', model)) and such parameters go to AdamW, or route them "
+                    "with build(..., routing=[...])")
+
     def group_config(self, group: dict[str, Any]) -> Any:
         """The validated Config of one param group (group keys override the defaults)."""
         keys = [f.name for f in dataclasses.fields(self.Config)]
