@@ -194,7 +194,8 @@ class MemoryPlanner:
         total, trainable = count_parameters(module)
         infos = inventory(module)
         if not infos:
-            raise ConfigError("the model has no trainable parameters; nothing to optimize")
+            raise ConfigError(f"{path}: the model has no trainable parameters, so there is nothing to optimize; "
+                              "leave requires_grad on for the parameters to train")
         self.m = _Model(module, path, total, trainable, infos, repeated_blocks(module), sample_batch, loss)
         s = self.settings
         # --param-dtype casts every floating parameter; without it each keeps its own dtype (a bf16 model may keep

@@ -126,12 +126,28 @@ def _model_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], str]:
 def check_loss(out: Any, path: Any) -> torch.Tensor:
     """``out`` if it is a one-element tensor (a scalar loss); else the model file's mistake, as one line."""
     if not torch.is_tensor(out):
-        raise ModelFileError(f"{path}: the loss is a {type(out).__name__}, not a tensor; loss_fn must return a "
+        raise ModelFileError(f"{path}: the loss is of type {type(out).__name__}, not a tensor; loss_fn must return a "
                              "scalar tensor")
     if out.numel() != 1:
         raise ModelFileError(f"{path}: the loss has shape {tuple(out.shape)}, not a scalar; reduce it (e.g. .mean()) "
                              "in loss_fn")
+    if out.is_complex():
+        raise ModelFileError(f"{path}: the loss is complex ({out.dtype}); return a real scalar (e.g. its .abs() or "
+                             ".real) from loss_fn")
     return out
+
+
+def check_parameters(model: nn.Module, owner: str) -> None:
+    """The model's trainable parameters are ones precondtune's optimizers can take: initialised (no lazy
+    modules left) and real. ``owner`` names the model in messages ("m.py:build_model() returned a model")."""
+    for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ModelFileError(f"{owner} whose parameter {name!r} is not initialised yet (a lazy module); run one "
+                                 "forward pass on a sample input before returning the model")
+        if p.requires_grad and p.is_complex():
+            raise ModelFileError(f"{owner} with the complex parameter {name!r} ({p.dtype}); "
+                                 "precondtune's optimizers update real tensors: keep real and imaginary parts as "
+                                 "two real parameters (torch.view_as_complex in forward)")
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -172,6 +188,7 @@ class ModelFile:
         """Call the factory (or return the module-level ``model``) and check it is an ``nn.Module``."""
         if self.factory is None:
             assert self._model is not None
+            check_parameters(self._model, f"{self.path}: `model` is a model")
             return self._model
         where = f"{self.path}:{self.factory_name}"
         try:
@@ -189,12 +206,13 @@ class ModelFile:
             model = self.factory()
         except ModelFileError:
             raise
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise ModelFileError(f"{where}() raised {_one_line(e)}; fix the factory") from e
         if not isinstance(model, nn.Module):
             raise ModelFileError(
                 f"{where}() returned {type(model).__name__}, not a torch.nn.Module; return the model to train"
             )
+        check_parameters(model, f"{where}() returned a model")
         return model
 
     @property
@@ -209,7 +227,7 @@ class ModelFile:
             )
         try:
             return self.sample_batch_fn(batch_size)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise ModelFileError(f"{self.path}: sample_batch({batch_size}) raised {_one_line(e)}; fix sample_batch "
                                  "(it gets the batch size and returns one training batch)") from e
 
@@ -217,10 +235,14 @@ class ModelFile:
         """The file's ``eval_batches()``, else ``n`` batches drawn from ``sample_batch`` under a fixed seed."""
         if self.eval_batches_fn is not None:
             try:
-                return list(self.eval_batches_fn())
-            except Exception as e:
+                batches = list(self.eval_batches_fn())
+            except (Exception, SystemExit) as e:
                 raise ModelFileError(f"{self.path}: eval_batches() raised {_one_line(e)}; fix it, or remove it to "
                                      "evaluate on fixed-seed draws of sample_batch") from e
+            if not batches:  # the mean loss of no batch would read as a perfect 0.0
+                raise ModelFileError(f"{self.path}: eval_batches() returned no batch; return at least one, or "
+                                     "remove it to evaluate on fixed-seed draws of sample_batch")
+            return batches
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(EVAL_SEED)
             return [self.sample_batch(batch_size) for _ in range(n)]
@@ -237,7 +259,7 @@ class ModelFile:
             raise
         except torch.OutOfMemoryError:
             raise
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             if self.loss_fn:
                 fn, fix = "loss_fn", "fix the model or loss_fn for this batch"
             else:
@@ -257,13 +279,17 @@ class ModelFile:
                 )
         else:
             value = float("nan")
+        self.backward(model, loss)
+        return value
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        """``loss.backward()``; a loss that cannot be backpropagated (no graph, frozen model) is one clear line."""
         try:
             loss.backward()
         except Exception as e:
             hint = ("no parameter of the model requires grad" if not any(p.requires_grad for p in model.parameters())
                     else "check that the loss comes from the model's parameters")
             raise ModelFileError(f"{self.path}: backward raised {_one_line(e)}; {hint}") from e
-        return value
 
 
 def load_model_file(spec: str | Path) -> ModelFile:

@@ -33,6 +33,7 @@ import pandas as pd
 from . import optim as po
 from .errors import ConfigError, PrecondtuneError
 from .flops import flops_report, measure_step_times
+from .hardware import resolve_profile
 from .inventory import inventory
 from .memory import MemorySettings, plan_memory
 from .modelfile import ModelFile
@@ -44,6 +45,7 @@ from .search import (
     SearchResult,
     SearchSettings,
     check_enqueue,
+    check_storage,
     fallback_routing,
     interrupted,
     open_storage,
@@ -343,19 +345,24 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         check = Objective(mf, SearchSettings(optimizer=name, steps=settings.steps, adamw=settings.adamw,
                                              fixed=fixed[name], enqueue=enqueue[name]))
         check_enqueue(check.knobs, fixed[name], enqueue[name])
-    open_storage(settings.storage, workers=settings.workers)
+    mem_kwargs: dict[str, Any] = {"batch_size": settings.batch_size, "gpu": settings.gpu,
+                                  "world_size": settings.world_size, "sharding": settings.sharding,
+                                  "param_dtype": settings.param_dtype, "state_dtype": settings.state_dtype}
+    if settings.reserve_gb is not None:
+        mem_kwargs["reserve_gb"] = settings.reserve_gb
+    check_storage(settings.storage, workers=settings.workers)  # a new SQLite file is made by the searches
+    mem_settings = MemorySettings(**mem_kwargs)  # dtypes, world size, sharding
+    if mf.eval_batches_fn is not None:
+        mf.eval_batches(settings.batch_size)  # one that raises or returns nothing fails now, not at the searches
+    if settings.gpu is not None:
+        resolve_profile(settings.gpu)
 
     log("1/5 profiling the model")
     prof = profile_model(mf, batch_size=settings.batch_size, device=settings.device, measure_steps=3,
                          seed=settings.seed)
 
     log("2/5 memory per optimizer")
-    mem_kwargs: dict[str, Any] = {"batch_size": settings.batch_size, "gpu": settings.gpu,
-                                      "world_size": settings.world_size, "sharding": settings.sharding,
-                                      "param_dtype": settings.param_dtype, "state_dtype": settings.state_dtype}
-    if settings.reserve_gb is not None:
-        mem_kwargs["reserve_gb"] = settings.reserve_gb
-    memory = plan_memory(mf, names, MemorySettings(**mem_kwargs), progress=progress)
+    memory = plan_memory(mf, names, mem_settings, progress=progress)
     candidates = [Candidate(e["name"], e) for e in memory["optimizers"]]
 
     log("3/5 compute overhead per optimizer")

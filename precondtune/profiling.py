@@ -71,7 +71,7 @@ def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any,
     try:
         with sdpa_kernel([SDPBackend.MATH]), counter:
             loss = mf.loss(model, batch)
-            loss.backward()
+            mf.backward(model, loss)
     finally:
         for h in handles:
             h.remove()

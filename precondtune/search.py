@@ -96,8 +96,8 @@ def adamw_reference(lr: float | None, betas: str | None = None, weight_decay: fl
         if betas is not None or weight_decay is not None:
             raise ConfigError("--adam-betas/--adam-weight-decay need --adam-lr (the tuned AdamW's learning rate)")
         return None
-    if not lr > 0:
-        raise ConfigError(f"--adam-lr {lr}: give the tuned AdamW's positive learning rate")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"--adam-lr {lr}: give the tuned AdamW's learning rate, a finite positive number")
     b: tuple[float, ...] = AdamWReference.betas
     if betas is not None:
         try:
@@ -205,8 +205,20 @@ def _with_driver(url: str) -> str:
     return url
 
 
+def check_storage(url: str | None, *, workers: int = 1) -> None:
+    """:func:`open_storage`'s checks without creating a file: a new SQLite or journal file is checked by its URL
+    and directory, an existing file or a server by opening it."""
+    _open(url, workers=workers, create_file=False)
+
+
 def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
     """Open ``url`` (see the module docstring); a bad or unreachable one raises :class:`ConfigError`."""
+    ref = _open(url, workers=workers, create_file=True)
+    assert ref is not None
+    return ref
+
+
+def _open(url: str | None, *, workers: int, create_file: bool) -> StorageRef | None:
     url = storage_url(url)
     if _is_memory(url):
         if workers > 1:
@@ -217,6 +229,8 @@ def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
     if journal is not None:
         if not journal.parent.is_dir():
             raise ConfigError(f"--storage {url}: directory {journal.parent} does not exist; create it first")
+        if not create_file and not journal.exists():
+            return None
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         try:
@@ -232,6 +246,8 @@ def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
         path = Path(url[len("sqlite:///"):])
         if not path.parent.is_dir():
             raise ConfigError(f"--storage {url}: directory {path.parent} does not exist; create it first")
+        if not create_file and not path.exists():
+            return None
     engine = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if scheme == "sqlite" else {"pool_pre_ping": True}
     driver_url = _with_driver(url)
     try:
@@ -1017,6 +1033,9 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     """Run (or resume) the study for ``settings.optimizer`` on ``mf``; see the module docstring."""
     if settings.trials < 0 or settings.workers < 1 or settings.seeds < 1 or settings.steps < 1:
         raise ConfigError("--trials must be >= 0, and --workers, --seeds and --steps >= 1")
+    if settings.optimizer.strip().lower() == "all" or "," in settings.optimizer:
+        raise ConfigError(f"--optimizer {settings.optimizer}: tune searches one optimizer; name one, or compare several "
+                          "with `precondtune plan MODEL -o NAME,NAME`")
     obj = Objective(mf, settings)  # validates --set, --steps/--warmup/--decay and the optimizer name
     pruner = make_pruner(settings.pruner, obj.schedule, settings.report_every)
     make_sampler(settings.sampler, 0, settings.trials)  # a missing sampler package fails before anything is written

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -25,9 +26,10 @@ from torch import nn
 
 from . import stopping
 from .errors import ConfigError
-from .modelfile import ModelFile, is_meta, move_to
+from .modelfile import ModelFile, is_meta, iter_tensors, move_to
 from .optim import build
 from .profiling import synchronize
+from .units import human_bytes
 
 DIVERGE_FACTOR = 3.0
 """A loss above start + (factor−1)·|start| counts as divergence: a short run that triples its initial loss
@@ -95,6 +97,24 @@ class TrialData:
     is used)."""
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_batches_fit(mf: ModelFile, batch: Any, steps: int, batch_size: int) -> None:
+    """The ``steps`` batches a trial replays are drawn up front: refuse a count that would fill the machine's memory
+    (more than half of it) instead of letting the kernel kill the process."""
+    each = sum(t.numel() * t.element_size() for t in iter_tensors(batch))
+    ram = _physical_memory()
+    if ram and each * steps > ram // 2:
+        raise ConfigError(f"--steps {steps}: a trial replays {steps} batches drawn up front from {mf.path}'s "
+                          f"sample_batch({batch_size}), {human_bytes(each)} each, {human_bytes(each * steps)} in all, "
+                          f"more than half of this machine's {human_bytes(ram)}; lower --steps or --batch-size")
+
+
 def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
             device: torch.device | str = "cpu") -> TrialData:
     """Build the model under ``seed`` and draw ``steps`` training batches under ``seed`` (same for every trial)."""
@@ -105,7 +125,9 @@ def prepare(mf: ModelFile, *, steps: int, batch_size: int, seed: int = 0,
             raise ConfigError(f"{mf.path}: the model is on the meta device (no weights), so it cannot be trained; "
                               "make build_model return a runnable model (e.g. a smaller config on CPU) to tune it "
                               "— memory and flops plan meta models as they are")
-        batches = [mf.sample_batch(batch_size) for _ in range(steps)]
+        first = mf.sample_batch(batch_size)
+        _check_batches_fit(mf, first, steps, batch_size)
+        batches = [first, *(mf.sample_batch(batch_size) for _ in range(steps - 1))]
     evals = mf.eval_batches(batch_size)
     device = torch.device(device)
     if device.type == "cpu":  # moved once here, so the training loop and evaluation need not move them again

@@ -46,6 +46,28 @@ CASES = {
         "        self.w = torch.nn.Parameter(torch.ones(4))\n    def forward(self, x):\n"
         "        return Bad.apply(x * self.w).sum()\n"
         "def build_model():\n    return M()\n" + GOOD_TAIL, "no gradient for this op"),
+    "factory_exits": ("import sys\ndef build_model():\n    sys.exit('bye from the factory')\n",
+                      "build_model() raised SystemExit: bye from the factory"),
+    "lazy_module": ("import torch\ndef build_model():\n    return torch.nn.LazyLinear(2)\n" + GOOD_TAIL,
+                    "parameter 'weight' is not initialised yet (a lazy module)"),
+    "complex_parameter": (
+        "import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.randn(4, dtype=torch.cfloat))\n    def forward(self, x):\n"
+        "        return (x * self.w).abs().sum()\n"
+        "def build_model():\n    return M()\n" + GOOD_TAIL, "complex parameter 'w'"),
+    "complex_loss": ("import torch\ndef build_model():\n    return torch.nn.Linear(4, 1)\n" + GOOD_TAIL
+                     + "def loss_fn(model, batch):\n    return model(batch).mean() * (1 + 1j)\n", "the loss is complex"),
+}
+
+# every command that runs the model file's step answers the same way
+MORE_COMMANDS = [["memory", "-o", "adamw"], ["flops", "-o", "muon"], ["transfer", "--lr", "1e-3", "--to", "muon"],
+                 ["tune", "-o", "adamw", "--trials", "1", "--steps", "2", "--storage", "memory"]]
+MORE_CASES = {
+    "no_graph_loss": ("import torch\ndef build_model():\n    return torch.nn.Linear(4, 1)\n" + GOOD_TAIL
+                      + "def loss_fn(model, batch):\n    with torch.no_grad():\n        return model(batch).mean()\n",
+                      "does not require grad"),
+    "complex_loss": (CASES["complex_loss"][0], "the loss is complex"),
+    "factory_exits": (CASES["factory_exits"][0], "SystemExit"),
 }
 
 
@@ -65,6 +87,26 @@ def test_bad_model_file_gets_one_line_and_exit_2(tmp_path, case):
     result = runner.invoke(app, ["profile", str(path), "--steps", "1"])
     _check_one_line_error(result, expected)
     assert str(path) in result.stderr.replace("\n", "") or case in result.stderr
+
+
+@pytest.mark.parametrize("command", MORE_COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", sorted(MORE_CASES))
+def test_bad_model_file_gets_one_line_from_every_command(tmp_path, case, command):
+    source, expected = MORE_CASES[case]
+    path = tmp_path / f"{case}.py"
+    path.write_text(source)
+    _check_one_line_error(runner.invoke(app, [command[0], str(path), *command[1:]]), expected)
+
+
+def test_eval_batches_returning_nothing_is_refused(tmp_path):
+    path = tmp_path / "no_eval.py"  # the mean loss of no batch would read as a perfect 0.0 for every trial
+    path.write_text("import torch\ndef build_model():\n    return torch.nn.Linear(4, 1)\n" + GOOD_TAIL
+                    + "def loss_fn(model, batch):\n    return model(batch).square().mean()\n"
+                    + "def eval_batches():\n    return []\n")
+    for args in (["tune", str(path), "--trials", "1", "--steps", "2", "--storage", "memory"],
+                 ["plan", str(path), "--trials", "1", "--steps", "2", "--out", str(tmp_path / "r")]):
+        _check_one_line_error(runner.invoke(app, args), "eval_batches() returned no batch")
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_file(tmp_path):

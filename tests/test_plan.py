@@ -251,6 +251,9 @@ def test_the_tuned_config_is_what_memory_and_estimates_describe():
     (["--storage", "sqlite:///"], "no file name"),
     (["--set", "muon:lr=0.02", "--enqueue", "muon:lr=0.05"], "contradicts --set lr=0.02"),
     (["--out", "/dev/null/report"], "is a file, not a directory"),
+    (["--gpu", "rtx9999"], "unknown GPU profile"),
+    (["--param-dtype", "int8"], "unknown dtype"),
+    (["--world-size", "0"], "world size 0"),
 ])
 def test_bad_options_fail_before_any_stage_runs(tmp_path, monkeypatch, args, needle):
     import precondtune.plan as plan_module
@@ -346,3 +349,11 @@ def test_timing_passes_that_disagree_are_pointed_out(tmp_path, monkeypatch):
     monkeypatch.setattr(plan_module, "measure_step_times", real)
     quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "q"), "--json", "--rank-by", "steps"])
     assert json.loads(quiet.stdout)["timing_warning"] is None
+
+
+def test_a_model_file_rejected_at_the_first_stage_leaves_no_storage_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.py").write_text("def build_model():\n    raise ValueError('bad width 0')\n")
+    r = runner.invoke(app, ["plan", "bad.py", *TINY])
+    assert r.exit_code == 2 and "bad width 0" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.py"]  # no precondtune-studies.db

@@ -196,6 +196,9 @@ def _tune(*args):
     (["--enqueue", "lr=0.01,bogus=2"], "valid:"),
     (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open"),
     (["--storage", "ftp://x"], "not a storage URL"),
+    (["-o", "all"], "tune searches one optimizer"),
+    (["--adam-lr", "inf"], "--adam-lr inf"),
+    (["--steps", "1000000000"], "lower --steps or --batch-size"),
     (["--sampler", "nope"], "valid:"),
     (["--workers", "2", "--storage", "memory"], "in memory"),
     (["--optimizer", "nosuch"], "valid:"),
@@ -617,3 +620,10 @@ def test_the_resume_hint_selects_the_study_again_and_trials_0_shows_it_with_its_
     assert doc["trials"]["complete"] + doc["trials"]["pruned"] == 2
     other = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "1", "--storage", url])
     assert other.exit_code == 2 and "trial settings" in other.stderr  # adding trials still needs them
+
+
+def test_a_timeout_that_ends_the_run_is_named_as_the_reason(tmp_path):
+    r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--steps", "3", "--trials", "3", "--timeout", "0",
+                            "--storage", f"sqlite:///{tmp_path / 's.db'}"])
+    assert "no trial completed; --timeout ended the run" in r.stderr
+    assert "wait for the next run: --timeout ended the run first" in r.stderr

@@ -76,7 +76,7 @@ def _short(v: object) -> str:
     return str(v)
 
 
-def _render(r: SearchResult, top: int) -> None:
+def _render(r: SearchResult, top: int, timed_out: bool = False) -> None:
     frame = r.frame.head(top)
     # one column per knob that differs between the listed trials; the best config is printed in full below
     hp_cols = [k for k in (r.best_hyperparameters or {})
@@ -102,7 +102,8 @@ def _render(r: SearchResult, top: int) -> None:
                        caption=f"storage {r.storage}; pruning saved {r.steps_saved_by_pruning} of "
                                f"{r.steps * (c['pruned'] + c['complete'])} steps"))
     if r.best_value is None:
-        stderr.print(f"no trial completed{'; first failure: ' + r.first_failure if r.first_failure else ''}",
+        why = "; --timeout ended the run" if timed_out else ""
+        stderr.print(f"no trial completed{why}{'; first failure: ' + r.first_failure if r.first_failure else ''}",
                      highlight=False, markup=False, soft_wrap=True)
     else:
         what = f"seed median eval loss {r.best_value:.4f}" if r.seed_runs else f"eval loss {r.best_value:.4f}"
@@ -110,9 +111,9 @@ def _render(r: SearchResult, top: int) -> None:
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in (r.best_hyperparameters or {}).items()),
                      highlight=False, soft_wrap=True, markup=False)
     if c.get("waiting"):
-        stderr.print(f"note: {c['waiting']} queued trial(s) (warm starts) wait for the next run: --trials was smaller "
-                     "than the queue; rerun with the same --study-name to run them", highlight=False, markup=False,
-                     soft_wrap=True)
+        why = "--timeout ended the run first" if timed_out else "--trials was smaller than the queue"
+        stderr.print(f"note: {c['waiting']} queued trial(s) (warm starts) wait for the next run: {why}; rerun with "
+                     "the same --study-name to run them", highlight=False, markup=False, soft_wrap=True)
 
 
 def command(
@@ -177,6 +178,6 @@ def command(
         if json_:
             emit_json(result.as_json(top))
         else:
-            _render(result, top)
+            _render(result, top, timed_out=timeout is not None and sum(result.new.values()) < trials)
         if result.best_value is None and trials > 0:
             raise typer.Exit(1)
