@@ -99,6 +99,8 @@ class PlanSettings:
     def __post_init__(self) -> None:
         if self.rank_by not in RANK_BY:
             raise ConfigError(f"--rank-by {self.rank_by!r}; valid: {', '.join(RANK_BY)}")
+        if self.study_prefix is not None and not self.study_prefix.strip():
+            raise ConfigError("--study-name is empty; give a prefix, or leave the option out for plan-MODEL")
         for name, low in (("trials", 1), ("steps", 1), ("seeds", 1), ("batch_size", 1), ("workers", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed: >= {low}")

@@ -1033,6 +1033,8 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     """Run (or resume) the study for ``settings.optimizer`` on ``mf``; see the module docstring."""
     if settings.trials < 0 or settings.workers < 1 or settings.seeds < 1 or settings.steps < 1:
         raise ConfigError("--trials must be >= 0, and --workers, --seeds and --steps >= 1")
+    if settings.study_name is not None and not settings.study_name.strip():
+        raise ConfigError("--study-name is empty; give a name, or leave the option out for MODEL-OPTIMIZER")
     if settings.optimizer.strip().lower() == "all" or "," in settings.optimizer:
         raise ConfigError(f"--optimizer {settings.optimizer}: tune searches one optimizer; name one, or compare several "
                           "with `precondtune plan MODEL -o NAME,NAME`")

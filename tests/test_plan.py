@@ -254,6 +254,7 @@ def test_the_tuned_config_is_what_memory_and_estimates_describe():
     (["--gpu", "rtx9999"], "unknown GPU profile"),
     (["--param-dtype", "int8"], "unknown dtype"),
     (["--world-size", "0"], "world size 0"),
+    (["--study-name", " "], "--study-name is empty"),
 ])
 def test_bad_options_fail_before_any_stage_runs(tmp_path, monkeypatch, args, needle):
     import precondtune.plan as plan_module

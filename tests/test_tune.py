@@ -197,6 +197,7 @@ def _tune(*args):
     (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open"),
     (["--storage", "ftp://x"], "not a storage URL"),
     (["-o", "all"], "tune searches one optimizer"),
+    (["--study-name", ""], "--study-name is empty"),
     (["--adam-lr", "inf"], "--adam-lr inf"),
     (["--steps", "1000000000"], "lower --steps or --batch-size"),
     (["--sampler", "nope"], "valid:"),
