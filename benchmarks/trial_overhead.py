@@ -46,7 +46,7 @@ def measure(example: str, trials: int, steps: int, storage: str) -> str:
     settings = SearchSettings(optimizer="adamw", trials=trials, steps=steps, batch_size=8, storage=storage,
                               study_name=f"bench-{example}-{time.time_ns()}", pruner="median")
     started: dict[str, float] = {}
-    r = run_search(mf, settings, on_study=lambda name, url: started.setdefault("t", time.perf_counter()),
+    r = run_search(mf, settings, on_study=lambda *_: started.setdefault("t", time.perf_counter()),
                    progress=lambda *_: None)  # the CLI's progress callback reads the study after every trial
     wall = time.perf_counter() - started["t"]
     study = optuna.load_study(study_name=r.study, storage=_storage(storage).storage)

@@ -24,9 +24,11 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -211,6 +213,17 @@ def check_storage(url: str | None, *, workers: int = 1) -> None:
     _open(url, workers=workers, create_file=False)
 
 
+def _check_creatable(path: Path, url: str) -> None:
+    """A file can be made beside ``path`` (made and removed at once: nothing is left behind)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".precondtune-probe-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--storage {url}: cannot create a file in {path.parent} ({e.strerror or e}); give a "
+                          "writable directory") from e
+
+
 def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
     """Open ``url`` (see the module docstring); a bad or unreachable one raises :class:`ConfigError`."""
     ref = _open(url, workers=workers, create_file=True)
@@ -230,6 +243,7 @@ def _open(url: str | None, *, workers: int, create_file: bool) -> StorageRef | N
         if not journal.parent.is_dir():
             raise ConfigError(f"--storage {url}: directory {journal.parent} does not exist; create it first")
         if not create_file and not journal.exists():
+            _check_creatable(journal, url)
             return None
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -247,6 +261,7 @@ def _open(url: str | None, *, workers: int, create_file: bool) -> StorageRef | N
         if not path.parent.is_dir():
             raise ConfigError(f"--storage {url}: directory {path.parent} does not exist; create it first")
         if not create_file and not path.exists():
+            _check_creatable(path, url)
             return None
     engine = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if scheme == "sqlite" else {"pool_pre_ping": True}
     driver_url = _with_driver(url)
@@ -1029,7 +1044,7 @@ ProgressFn = Callable[[int, int, float | None, int, int], None]
 
 
 def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn | None = None,
-               on_study: Callable[[str, str], None] | None = None) -> SearchResult:
+               on_study: Callable[[str, str, str], None] | None = None) -> SearchResult:
     """Run (or resume) the study for ``settings.optimizer`` on ``mf``; see the module docstring."""
     if settings.trials < 0 or settings.workers < 1 or settings.seeds < 1 or settings.steps < 1:
         raise ConfigError("--trials must be >= 0, and --workers, --seeds and --steps >= 1")
@@ -1058,8 +1073,12 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     attrs = _study_attrs(mf, settings, obj.spec, trainable)
     study = open_study(ref, name, attrs, None, pruner, create=settings.trials > 0)
     if settings.trials == 0 and isinstance(stored := study.user_attrs.get("trial_settings"), dict):
-        settings = dataclasses.replace(settings, **{k: stored[k] for k in ("steps", "batch_size", "seed", "warmup",
-                                                                             "decay") if k in stored})
+        own = dataclasses.replace(settings, **{k: stored[k] for k in ("steps", "batch_size", "seed", "warmup", "decay")
+                                               if k in stored})
+        if own.warmup == dataclasses.replace(own, warmup=None).schedule().warmup_steps:
+            own = dataclasses.replace(own, warmup=None)  # stored resolved: the default, as the user left it
+        if own != settings:  # shown (and --seeds re-run) with the study's own trial settings
+            settings, obj = own, Objective(mf, own)
     retries = _fail_stale_trials(study) if settings.trials > 0 else 0
     # trials this run did not start: finished ones, and RUNNING ones (another worker's, or a killed run's that
     # the heartbeat check will fail) — none of them counts as this run's new trials
@@ -1067,7 +1086,7 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     study.sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, 0, len(before), ref.url),
                                  settings.trials, shared=is_shared(ref, settings.workers))
     if on_study is not None:
-        on_study(name, ref.url)
+        on_study(name, ref.url, resume_options(settings))
     if settings.trials > 0:  # --trials 0 shows the study as it is and adds nothing to it
         _enqueue_warm_starts(study, obj, settings)
 

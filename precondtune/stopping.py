@@ -4,8 +4,8 @@ Python raises :class:`KeyboardInterrupt` wherever the main thread is when the si
 search can be halfway through an Optuna storage call: the trial is left RUNNING, or the process's own open
 SQLite transaction locks it out of the write that would fail the trial. Inside :func:`deferred` (around
 ``study.optimize`` and the seed re-runs) a first signal is only recorded, and :func:`check` raises it at the next
-safe point: before a training step, before the final evaluation, between trials. A second signal, or one outside
-:func:`deferred`, raises at once. SIGTERM (``kill``, a scheduler preempting the job) raises :class:`Terminated`,
+safe point: before a training step, before the final evaluation, between trials. A second Ctrl-C, or a signal
+outside :func:`deferred`, raises at once. SIGTERM (``kill``, a scheduler preempting the job) raises :class:`Terminated`,
 a :class:`KeyboardInterrupt`, so both stop the same way: the running trial fails with the reason and the study
 resumes. ``precondtune`` exits 130 after Ctrl-C and 143 after SIGTERM.
 """
@@ -25,6 +25,8 @@ class Terminated(KeyboardInterrupt):
 _pending: list[int] = []
 """The signal waiting for :func:`check`, if any."""
 _depth = 0
+_seen = False
+"""A signal came inside the current outermost :func:`deferred` region (raised by :func:`check` or not)."""
 
 
 def _exception(signum: int) -> KeyboardInterrupt:
@@ -32,8 +34,13 @@ def _exception(signum: int) -> KeyboardInterrupt:
 
 
 def _handler(signum: int, _frame: Any) -> None:
-    if _depth > 0 and not _pending:
-        _pending.append(signum)
+    global _seen
+    # a repeated SIGTERM is deferred too: a job scheduler signals every process of the group and precondtune passes
+    # SIGTERM on to its workers, so a worker may get it twice without anyone asking for haste
+    if _depth > 0 and (not _seen or signum == signal.SIGTERM):
+        _seen = True
+        if not _pending:
+            _pending.append(signum)
         return
     _pending.clear()
     raise _exception(signum)
@@ -49,14 +56,20 @@ def install() -> None:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """A region whose first Ctrl-C/SIGTERM waits for :func:`check`; one still pending at the end is raised."""
-    global _depth
+    """A region whose first Ctrl-C/SIGTERM waits for :func:`check`; one still pending at the end is raised. The
+    outermost region forgets its signals when it ends, however it ends."""
+    global _depth, _seen
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
-    check()
+        left = _pending.pop() if _pending else None
+        if _depth == 0:
+            _pending.clear()
+            _seen = False
+    if left is not None:
+        raise _exception(left)
 
 
 def check() -> None:

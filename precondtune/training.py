@@ -106,8 +106,9 @@ def _physical_memory() -> int | None:
 
 def _check_batches_fit(mf: ModelFile, batch: Any, steps: int, batch_size: int) -> None:
     """The ``steps`` batches a trial replays are drawn up front: refuse a count that would fill the machine's memory
-    (more than half of it) instead of letting the kernel kill the process."""
-    each = sum(t.numel() * t.element_size() for t in iter_tensors(batch))
+    (more than half of it) instead of letting the kernel kill the process. Counted as if each batch owned its
+    tensors (a batch that views one shared dataset tensor costs less)."""
+    each = sum(t.numel() * t.element_size() for t in iter_tensors(batch) if t.device.type == "cpu")
     ram = _physical_memory()
     if ram and each * steps > ram // 2:
         raise ConfigError(f"--steps {steps}: a trial replays {steps} batches drawn up front from {mf.path}'s "

@@ -15,6 +15,7 @@ def handlers():
     signal.signal(signal.SIGINT, saved[0])
     signal.signal(signal.SIGTERM, saved[1])
     stopping._pending.clear()
+    stopping._seen = False
 
 
 def test_outside_a_search_a_signal_raises_at_once(handlers):
@@ -50,3 +51,36 @@ def test_a_signal_pending_at_the_end_of_the_region_is_raised(handlers):
     with pytest.raises(KeyboardInterrupt):
         with stopping.deferred():
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_second_ctrl_c_after_the_first_was_raised_stops_at_once(handlers):
+    """The first Ctrl-C was raised at a safe point and the trial is being failed: another one does not wait."""
+    with pytest.raises(KeyboardInterrupt):
+        with stopping.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):
+                stopping.check()
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("the second Ctrl-C did not stop")
+
+
+def test_a_repeated_sigterm_stays_deferred(handlers):
+    """A scheduler signals the whole process group and precondtune passes SIGTERM on to its workers: a worker that
+    gets it twice still stops at a safe point."""
+    reached = []
+    with pytest.raises(stopping.Terminated):
+        with stopping.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append("after both")
+            stopping.check()
+    assert reached == ["after both"]
+
+
+def test_nothing_carries_over_to_the_next_region(handlers):
+    with pytest.raises(ValueError):
+        with stopping.deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # recorded, then the region ends with another error
+            raise ValueError("the trial failed on its own")
+    with stopping.deferred():  # the next search in this process starts clean
+        stopping.check()

@@ -78,11 +78,15 @@ def _run_app() -> object:
 
     if "--json" not in sys.argv[1:]:
         return app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
-    sys.stdout.flush()
+    if sys.stdout is not None:  # None when the command runs with stdout closed
+        sys.stdout.flush()
+    saved: int | None = None
     try:
         saved = os.dup(1)
         os.dup2(2, 1)
     except OSError:  # no descriptor 1 or 2 to move: Python-level redirection only
+        if saved is not None:
+            os.close(saved)
         saved = None
     common.JSON_OUT = sys.stdout if saved is None else os.fdopen(os.dup(saved), "w", encoding="utf-8")
     try:

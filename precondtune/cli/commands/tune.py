@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ...config import write_text_atomic
 from ...modelfile import load_model_file
-from ...search import TOP_FOR_SEEDS, SearchResult, SearchSettings, adamw_reference, resume_options, run_search
+from ...search import TOP_FOR_SEEDS, SearchResult, SearchSettings, adamw_reference, run_search
 from ..common import (
     AdamBetasOpt,
     AdamLrOpt,
@@ -158,8 +158,8 @@ def command(
                        console=stderr, transient=True, disable=not stderr.is_terminal)
         task = bar.add_task(f"tune {optimizer}", total=trials)
 
-        def on_study(name: str, url: str) -> None:
-            again = " ".join(filter(None, [f"--study-name {name} --storage {url}", resume_options(settings)]))
+        def on_study(name: str, url: str, options: str) -> None:
+            again = " ".join(filter(None, [f"--study-name {name} --storage {url}", options]))
             hint = "" if url in ("memory", ":memory:", "sqlite://") or url.endswith(":memory:") else \
                 f" (resume: {again})"
             stderr.print(f"study {name} in {url}{hint}", highlight=False, soft_wrap=True, markup=False)
