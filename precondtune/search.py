@@ -1043,6 +1043,27 @@ ProgressFn = Callable[[int, int, float | None, int, int], None]
 """``progress(done, total, best value, pruned, failed)`` over this run's new trials."""
 
 
+def _own_settings(settings: SearchSettings, name: str) -> SearchSettings:
+    """``settings`` with the trial settings study ``name`` was made with (unchanged when it has none); a study
+    file that does not exist raises :class:`ConfigError` (``--trials 0`` creates nothing)."""
+    url = storage_url(settings.storage)
+    if url.startswith("sqlite:///") and not _is_memory(url) and not Path(url[len("sqlite:///"):]).exists():
+        raise ConfigError(f"there is no study {name!r} in {url} to show: the file does not exist (--trials 0 adds "
+                          "nothing); check --storage, or run with --trials N to start the study")
+    storage = open_storage(settings.storage, workers=settings.workers).storage
+    try:
+        stored = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("trial_settings")
+    except KeyError:  # no such study: open_study says so
+        return settings
+    if not isinstance(stored, dict):
+        return settings
+    own = dataclasses.replace(settings, **{k: stored[k] for k in ("steps", "batch_size", "seed", "warmup", "decay")
+                                           if k in stored})
+    if own.warmup == dataclasses.replace(own, warmup=None).schedule().warmup_steps:
+        own = dataclasses.replace(own, warmup=None)  # stored resolved: the default, as the user left it
+    return own
+
+
 def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn | None = None,
                on_study: Callable[[str, str, str], None] | None = None) -> SearchResult:
     """Run (or resume) the study for ``settings.optimizer`` on ``mf``; see the module docstring."""
@@ -1054,6 +1075,11 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
         raise ConfigError(f"--optimizer {settings.optimizer}: tune searches one optimizer; name one, or compare several "
                           "with `precondtune plan MODEL -o NAME,NAME`")
     obj = Objective(mf, settings)  # validates --set, --steps/--warmup/--decay and the optimizer name
+    name = settings.study_name or f"{mf.name}-{obj.spec.name}"
+    if settings.trials == 0:  # shown (and --seeds re-run) with the study's own trial settings
+        own = _own_settings(settings, name)
+        if own != settings:
+            settings, obj = own, Objective(mf, own)
     pruner = make_pruner(settings.pruner, obj.schedule, settings.report_every)
     make_sampler(settings.sampler, 0, settings.trials)  # a missing sampler package fails before anything is written
     check_enqueue(obj.knobs, settings.fixed, settings.enqueue)
@@ -1063,22 +1089,9 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     _check_hook(obj, model, data)
     del model
     _, trainable = count_parameters(data.template)
-    name = settings.study_name or f"{mf.name}-{obj.spec.name}"
-    url = storage_url(settings.storage)
-    if settings.trials == 0 and url.startswith("sqlite:///") and not _is_memory(url) \
-            and not Path(url[len("sqlite:///"):]).exists():
-        raise ConfigError(f"there is no study {name!r} in {url} to show: the file does not exist (--trials 0 adds "
-                          "nothing); check --storage, or run with --trials N to start the study")
     ref = open_storage(settings.storage, workers=settings.workers)
     attrs = _study_attrs(mf, settings, obj.spec, trainable)
     study = open_study(ref, name, attrs, None, pruner, create=settings.trials > 0)
-    if settings.trials == 0 and isinstance(stored := study.user_attrs.get("trial_settings"), dict):
-        own = dataclasses.replace(settings, **{k: stored[k] for k in ("steps", "batch_size", "seed", "warmup", "decay")
-                                               if k in stored})
-        if own.warmup == dataclasses.replace(own, warmup=None).schedule().warmup_steps:
-            own = dataclasses.replace(own, warmup=None)  # stored resolved: the default, as the user left it
-        if own != settings:  # shown (and --seeds re-run) with the study's own trial settings
-            settings, obj = own, Objective(mf, own)
     retries = _fail_stale_trials(study) if settings.trials > 0 else 0
     # trials this run did not start: finished ones, and RUNNING ones (another worker's, or a killed run's that
     # the heartbeat check will fail) — none of them counts as this run's new trials

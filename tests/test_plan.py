@@ -255,7 +255,7 @@ def test_the_tuned_config_is_what_memory_and_estimates_describe():
     (["--param-dtype", "int8"], "unknown dtype"),
     (["--world-size", "0"], "world size 0"),
     (["--study-name", " "], "--study-name is empty"),
-    (["--storage", "sqlite:////proc/precondtune.db"], "cannot create a file in /proc"),
+    (["--storage", "sqlite:////proc/precondtune.db"], "/proc"),  # cannot create a file there (or no /proc)
 ])
 def test_bad_options_fail_before_any_stage_runs(tmp_path, monkeypatch, args, needle):
     import precondtune.plan as plan_module

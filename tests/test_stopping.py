@@ -82,5 +82,31 @@ def test_nothing_carries_over_to_the_next_region(handlers):
         with stopping.deferred():
             os.kill(os.getpid(), signal.SIGINT)  # recorded, then the region ends with another error
             raise ValueError("the trial failed on its own")
-    with stopping.deferred():  # the next search in this process starts clean
-        stopping.check()
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with stopping.deferred():  # the next search in this process starts clean: its first Ctrl-C waits too
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("waited for check()")
+            stopping.check()
+    assert reached == ["waited for check()"]
+
+
+def test_training_stops_at_the_step_after_the_signal(handlers):
+    """Inside a search, a Ctrl-C during step k stops the run before step k+1: train() checks between steps."""
+    from conftest import load_example
+
+    from precondtune.training import Schedule, prepare, train
+
+    data = prepare(load_example("mlp"), steps=10, batch_size=4)
+    reported = []
+
+    def report(step, value):
+        reported.append(step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised: the report's storage write would finish
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        with stopping.deferred():
+            train(data, "adamw", {}, schedule=Schedule(10), report_every=1, callback=report)
+    assert reported == [1, 2, 3]

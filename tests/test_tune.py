@@ -648,3 +648,16 @@ def test_a_timeout_that_ends_the_run_is_named_as_the_reason(tmp_path):
                             "--storage", f"sqlite:///{tmp_path / 's.db'}"])
     assert "no trial completed; --timeout ended the run" in r.stderr
     assert "wait for the next run: --timeout ended the run first" in r.stderr
+
+
+def test_showing_a_study_prepares_only_its_own_trial_settings(tmp_path, monkeypatch):
+    from precondtune import search
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    made = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--steps", "4", "--trials", "1", "--storage", url])
+    assert made.exit_code == 0, made.output
+    real, drawn = search.prepare, []
+    monkeypatch.setattr(search, "prepare", lambda *a, **k: drawn.append(k["steps"]) or real(*a, **k))
+    shown = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "0", "--storage", url])
+    assert shown.exit_code == 0, shown.output
+    assert drawn == [4]  # not the command line's default 200 steps of batches first
