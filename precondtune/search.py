@@ -1163,6 +1163,16 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     return _result(study, name, ref.url, obj, settings, before, seed_runs)
 
 
+def _fp16_hint(obj: Objective) -> str:
+    """Why every trial may diverge: a model kept in fp16, where AdamW-style eps (1e-8) and small updates vanish."""
+    data = obj._data
+    params = [p for p in data.template.parameters() if p.is_floating_point()] if data is not None else []
+    if params and all(p.dtype == torch.float16 for p in params):
+        return ("; the model's parameters are fp16, where an eps of 1e-8 and small updates underflow: train in bf16 "
+                "or fp32 (mixed precision keeps fp32 weights)")
+    return ""
+
+
 def _result(study: optuna.Study, name: str, url: str, obj: Objective, settings: SearchSettings,
             before: dict[int, TrialState], seed_runs: dict[int, list[float]]) -> SearchResult:
     trials = study.get_trials(deepcopy=False)
@@ -1184,6 +1194,10 @@ def _result(study: optuna.Study, name: str, url: str, obj: Objective, settings: 
         best = min(complete, key=lambda t: (t.value, t.number))
     failure = next((t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL
                     and t.user_attrs.get("fail_reason")), None)
+    diverged = [str(t.user_attrs["pruned_reason"]) for t in trials if t.state == TrialState.PRUNED
+                and str(t.user_attrs.get("pruned_reason", "")).startswith("diverged")]
+    if not complete and failure is None and diverged and len(diverged) == sum(t.state.is_finished() for t in trials):
+        failure = f"{diverged[0]} (every trial diverged{_fp16_hint(obj)})"
     value = None
     if best is not None:
         value = statistics.median(seed_runs[best.number]) if seed_runs else best.value

@@ -661,3 +661,17 @@ def test_showing_a_study_prepares_only_its_own_trial_settings(tmp_path, monkeypa
     shown = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "0", "--storage", url])
     assert shown.exit_code == 0, shown.output
     assert drawn == [4]  # not the command line's default 200 steps of batches first
+
+
+def test_every_trial_diverging_on_an_fp16_model_says_why(tmp_path):
+    path = tmp_path / "half.py"
+    path.write_text(
+        "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n"
+        "def build_model():\n    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).half()\n"
+        "def sample_batch(n):\n    return torch.randn(n, 8).half(), torch.randint(0, 4, (n,))\n"
+        "def loss_fn(model, batch):\n    return F.cross_entropy(model(batch[0]).float(), batch[1])\n")
+    r = runner.invoke(app, ["tune", str(path), "-o", "adamw", "--trials", "2", "--steps", "6", "--storage", "memory",
+                            "--json"])
+    doc = json.loads(r.stdout)
+    assert doc["best"] is None or doc["best"]["value"] is None
+    assert "every trial diverged; the model's parameters are fp16" in doc["first_failure"], doc["first_failure"]
