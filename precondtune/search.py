@@ -703,7 +703,22 @@ def make_pruner(name: str, schedule: Schedule, report_every: int) -> optuna.prun
 def _study_attrs(mf: ModelFile, settings: SearchSettings, spec: OptimizerSpec, params: int) -> dict[str, Any]:
     return {"optimizer": spec.name, "model": str(mf.path), "trainable_parameters": params,
             "trial_settings": {"steps": settings.steps, "batch_size": settings.batch_size, "seed": settings.seed,
-                               "warmup": settings.schedule().warmup_steps, "decay": settings.decay}}
+                               "warmup": settings.schedule().warmup_steps, "decay": settings.decay},
+            "set": sorted(settings.fixed)}
+
+
+def _set_note(study: optuna.Study, name: str, settings: SearchSettings) -> str | None:
+    """A note when this run's ``--set`` differs from the one the study was made with (allowed: narrowing a search
+    is a use of --set, but the trials then share one table and one sampler history)."""
+    earlier = study.user_attrs.get("set")
+    now = sorted(settings.fixed)
+    if earlier is None or earlier == now or settings.trials == 0:
+        return None
+    def show(items: list[str]) -> str:
+        return " ".join(f"--set {i}" for i in items) or "no --set"
+
+    return (f"study {name} was made with {show(earlier)} and this run adds trials with {show(now)}; they share one "
+            "table and one sampler history (another --study-name keeps the searches apart)")
 
 
 def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, pruner: Any, *,
@@ -1065,7 +1080,7 @@ def _own_settings(settings: SearchSettings, name: str) -> SearchSettings:
 
 
 def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn | None = None,
-               on_study: Callable[[str, str, str], None] | None = None) -> SearchResult:
+               on_study: Callable[[str, str, str, str | None], None] | None = None) -> SearchResult:
     """Run (or resume) the study for ``settings.optimizer`` on ``mf``; see the module docstring."""
     if settings.trials < 0 or settings.workers < 1 or settings.seeds < 1 or settings.steps < 1:
         raise ConfigError("--trials must be >= 0, and --workers, --seeds and --steps >= 1")
@@ -1099,7 +1114,7 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     study.sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, 0, len(before), ref.url),
                                  settings.trials, shared=is_shared(ref, settings.workers))
     if on_study is not None:
-        on_study(name, ref.url, resume_options(settings))
+        on_study(name, ref.url, resume_options(settings), _set_note(study, name, settings))
     if settings.trials > 0:  # --trials 0 shows the study as it is and adds nothing to it
         _enqueue_warm_starts(study, obj, settings)
 

@@ -675,3 +675,15 @@ def test_every_trial_diverging_on_an_fp16_model_says_why(tmp_path):
     doc = json.loads(r.stdout)
     assert doc["best"] is None or doc["best"]["value"] is None
     assert "every trial diverged; the model's parameters are fp16" in doc["first_failure"], doc["first_failure"]
+
+
+def test_adding_trials_with_another_set_to_a_study_is_pointed_out(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    base = ["tune", str(EXAMPLES / "mlp.py"), "--steps", "3", "--trials", "1", "--storage", url]
+    first = runner.invoke(app, [*base, "--set", "weight_decay=0"])
+    same = runner.invoke(app, [*base, "--set", "weight_decay=0"])
+    other = runner.invoke(app, [*base, "--set", "weight_decay=0.1"])
+    assert first.exit_code == same.exit_code == other.exit_code == 0, other.output
+    assert "note: study" not in first.stderr and "note: study" not in same.stderr
+    assert ("note: study mlp-adamw was made with --set weight_decay=0 and this run adds trials with "
+            "--set weight_decay=0.1") in other.stderr

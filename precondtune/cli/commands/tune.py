@@ -158,11 +158,13 @@ def command(
                        console=stderr, transient=True, disable=not stderr.is_terminal)
         task = bar.add_task(f"tune {optimizer}", total=trials)
 
-        def on_study(name: str, url: str, options: str) -> None:
+        def on_study(name: str, url: str, options: str, note: str | None) -> None:
             again = " ".join(filter(None, [f"--study-name {name} --storage {url}", options]))
             hint = "" if url in ("memory", ":memory:", "sqlite://") or url.endswith(":memory:") else \
                 f" (resume: {again})"
             stderr.print(f"study {name} in {url}{hint}", highlight=False, soft_wrap=True, markup=False)
+            if note:
+                stderr.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
 
         def progress(done: int, total: int, best: float | None, pruned: int, failed: int) -> None:
             best_s = "-" if best is None else f"{best:.4f}"
