@@ -174,3 +174,25 @@ def test_warm_starts_record_the_schedule_params_of_their_config():
     params = knobs.params_of(custom)
     assert params["ns_schedule"] == "custom" and params["ns_a"] == 3.5
     assert muon.quintic_from_shape(params["ns_a"], params["ns_p1"], params["ns_dp1"]) == pytest.approx((3.5, -4.9, 2.1))
+
+
+def test_a_compiled_step_does_not_recompile_on_every_hyperparameter():
+    """torch.compile(opt.step): the per-group hyperparameter validation runs eagerly instead of guarding on each
+    value, which hit dynamo's recompile limit within a few steps."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = po.build("muon", model)
+    step = torch.compile(opt.step, backend="eager")
+    x = torch.randn(8, 16)
+    for _ in range(6):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        step()
+    breaks = [*counters["unimplemented"], *counters["graph_break"]]
+    torch._dynamo.reset()
+    assert not [b for b in breaks if "recompile limit" in b.lower()], breaks

@@ -7,6 +7,7 @@ every such module itself, so adding an optimizer is adding its module. Names are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import math
@@ -213,6 +214,17 @@ def check_range(name: str, value: Any, ok: bool, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+@functools.cache
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under ``torch.compiler.disable``, made on first use (importing dynamo costs a second)."""
+    return torch.compiler.disable(fn)
+
+
 class PrecondOptimizer(torch.optim.Optimizer):
     """Base of the bundled optimizers: hyperparameters come from a frozen Config, validated per group.
 
@@ -241,7 +253,14 @@ class PrecondOptimizer(torch.optim.Optimizer):
                     "with build(..., routing=[...])")
 
     def group_config(self, group: dict[str, Any]) -> Any:
-        """The validated Config of one param group (group keys override the defaults)."""
+        """The validated Config of one param group (group keys override the defaults). Inside a compiled
+        ``opt.step()`` the validation runs eagerly, instead of guarding on every hyperparameter (which recompiles
+        until dynamo's limit)."""
+        if _compiling():
+            return _eager(type(self)._validated_config)(self, group)
+        return self._validated_config(group)
+
+    def _validated_config(self, group: dict[str, Any]) -> Any:
         keys = [f.name for f in dataclasses.fields(self.Config)]
         return make_config(self.Config, {k: group[k] for k in keys if k in group}, where=type(self).__name__)
 
