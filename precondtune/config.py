@@ -201,6 +201,18 @@ def format_for(path: str | os.PathLike[str], fmt: str | None = None) -> str:
     return "json" if Path(path).suffix.lower() == ".json" else "yaml"
 
 
+def cannot_create_in(directory: str | os.PathLike[str]) -> str | None:
+    """Why no file can be created in ``directory``, or None when one can: found by making one and removing it at
+    once (a permission check alone passes for root where nothing can be written, e.g. under /proc)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".precondtune-probe-", dir=directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path`` and rename it into place: a reader sees the old file
     or the whole new one, never half of it."""

@@ -24,11 +24,9 @@ import dataclasses
 import json
 import math
 import multiprocessing
-import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -45,6 +43,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from . import stopping
+from .config import cannot_create_in
 from .errors import ConfigError, PrecondtuneError
 from .inventory import count_parameters
 from .modelfile import ModelFile, _one_line, load_model_file, move_to
@@ -214,14 +213,10 @@ def check_storage(url: str | None, *, workers: int = 1) -> None:
 
 
 def _check_creatable(path: Path, url: str) -> None:
-    """A file can be made beside ``path`` (made and removed at once: nothing is left behind)."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".precondtune-probe-", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"--storage {url}: cannot create a file in {path.parent} ({e.strerror or e}); give a "
-                          "writable directory") from e
+    """A file can be made beside ``path`` (tried and removed at once: nothing is left behind)."""
+    why = cannot_create_in(path.parent)
+    if why is not None:
+        raise ConfigError(f"--storage {url}: cannot create a file in {path.parent} ({why}); give a writable directory")
 
 
 def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:

@@ -211,6 +211,7 @@ def _tune(*args):
     (["--enqueue", "eps=true"], "must be a number"),
     (["--csv", "."], "is a directory"),
     (["--csv", ""], "is empty"),
+    (["--csv", "/proc/precondtune/trials.csv"], "/proc"),  # nothing can be created there, even by root
     (["--set", "betas=[0.9,0.99]", "--set", "beta1=0.95"], "give one of them"),
     (["--set", "lr=0.01", "--enqueue", "lr=0.02"], "contradicts --set lr=0.01"),
 ])

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..config import cannot_create_in
 from ..errors import ConfigError, PrecondtuneError
 from ..stopping import Terminated
 from ..units import human_bytes, human_count  # noqa: F401 - re-exported for the commands
@@ -92,9 +93,12 @@ def check_writable(path: str | os.PathLike[str], option: str, *, directory: bool
         raise ConfigError(f"{option} {path} is {'a file' if directory else 'a directory'}; give a "
                           f"{'directory (it is created if missing)' if directory else 'file name inside it'}")
     blocker = next(a for a in target.absolute().parents if a.exists())
-    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
-        why = "is a file, not a directory" if not blocker.is_dir() else "is not writable"
-        raise ConfigError(f"{option} {path}: {blocker} {why}; give a path in a writable directory")
+    if not blocker.is_dir():
+        raise ConfigError(f"{option} {path}: {blocker} is a file, not a directory; give a path in a writable directory")
+    why = cannot_create_in(blocker)
+    if why is not None:
+        raise ConfigError(f"{option} {path}: cannot create a file in {blocker} ({why}); give a path in a writable "
+                          "directory")
 
 
 def _plain(v: Any) -> Any:
