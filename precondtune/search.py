@@ -172,16 +172,15 @@ def _journal_path(url: str) -> Path | None:
     return None
 
 
+TRIAL_SETTINGS = ("steps", "batch_size", "seed", "warmup", "decay")
+"""The SearchSettings fields a study is made with (its ``trial_settings`` user attr; each is an option of its own)."""
+
+
 def resume_options(settings: SearchSettings) -> str:
-    """The options that select ``settings``' study again: its name and storage, and the trial settings the study
-    was made with where they are not the defaults."""
+    """The trial-settings options that select ``settings``' study again, where they are not the defaults."""
     default = SearchSettings(optimizer=settings.optimizer)
-    parts = []
-    for key, flag in (("steps", "--steps"), ("batch_size", "--batch-size"), ("seed", "--seed"),
-                      ("warmup", "--warmup"), ("decay", "--decay")):
-        if getattr(settings, key) != getattr(default, key):
-            parts.append(f"{flag} {getattr(settings, key)}")
-    return " ".join(parts)
+    return " ".join(f"--{key.replace('_', '-')} {getattr(settings, key)}" for key in TRIAL_SETTINGS
+                    if getattr(settings, key) != getattr(default, key))
 
 
 def storage_url(url: str | None) -> str:
@@ -705,21 +704,18 @@ def _study_attrs(mf: ModelFile, settings: SearchSettings, spec: OptimizerSpec, p
 def _set_note(study: optuna.Study, name: str, settings: SearchSettings) -> str | None:
     """A note when this run's ``--set`` differs from the one the study was made with (allowed: narrowing a search
     is a use of --set, but the trials then share one table and one sampler history)."""
-    earlier = study.user_attrs.get("set")
-    now = sorted(settings.fixed)
+    earlier, now = study.user_attrs.get("set"), sorted(settings.fixed)
     if earlier is None or earlier == now or settings.trials == 0:
         return None
-    def show(items: list[str]) -> str:
-        return " ".join(f"--set {i}" for i in items) or "no --set"
-
-    return (f"study {name} was made with {show(earlier)} and this run adds trials with {show(now)}; they share one "
-            "table and one sampler history (another --study-name keeps the searches apart)")
+    made, adds = (" ".join(f"--set {i}" for i in items) or "no --set" for items in (earlier, now))
+    return (f"study {name} was made with {made} and this run adds trials with {adds}; they share one table and one "
+            "sampler history (another --study-name keeps the searches apart)")
 
 
 def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, pruner: Any, *,
                create: bool = True) -> optuna.Study:
-    """Load ``name`` (checking it was made for this optimizer and model, and, when trials are to be added, trial
-    settings) or, with ``create``, create it."""
+    """Load ``name`` (checking it was made for this optimizer, model and trial settings) or, with ``create``,
+    create it."""
     try:
         ref.storage.get_study_id_from_name(name)
         existing = True
@@ -733,8 +729,8 @@ def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, 
     if existing:
         study = optuna.load_study(study_name=name, storage=ref.storage, sampler=sampler, pruner=pruner)
         old = study.user_attrs
-        checked = (("optimizer", "optimizer"), ("trainable_parameters", "model"), ("trial_settings", "trial settings"))
-        for key, what in checked if create else checked[:2]:  # only shown: the study's own settings hold
+        for key, what in (("optimizer", "optimizer"), ("trainable_parameters", "model"),
+                          ("trial_settings", "trial settings")):
             if key in old and old[key] != attrs[key]:
                 raise ConfigError(
                     f"study {name!r} in {ref.url} was made for {what} {old[key]} (this run: {attrs[key]}); "
@@ -1067,8 +1063,7 @@ def _own_settings(settings: SearchSettings, name: str) -> SearchSettings:
         return settings
     if not isinstance(stored, dict):
         return settings
-    own = dataclasses.replace(settings, **{k: stored[k] for k in ("steps", "batch_size", "seed", "warmup", "decay")
-                                           if k in stored})
+    own = dataclasses.replace(settings, **{k: stored[k] for k in TRIAL_SETTINGS if k in stored})
     if own.warmup == dataclasses.replace(own, warmup=None).schedule().warmup_steps:
         own = dataclasses.replace(own, warmup=None)  # stored resolved: the default, as the user left it
     return own

@@ -134,7 +134,7 @@ def command(
                                  "-" if c.median is None else f"{c.median:.4f}",
                                  f"{c.spread:.4f}" if c.rank_losses else "-", c.rank_steps or "-",
                                  human_bytes(c.memory["bytes"]["total_peak"]), c.status] for c in rows]))
-            if result.timing_warning and settings.rank_by == "time":
+            if result.timing_warning:
                 stdout.print(f"warning: {result.timing_warning}", highlight=False, markup=False, soft_wrap=True)
             if result.winner:
                 stdout.print(f"recommended: [bold]{result.winner}[/bold] — {escape(result.reason)}", highlight=False)
