@@ -32,7 +32,7 @@ import torch
 
 from ..dtypes import itemsize
 from . import _space
-from .kernels import factored, svd_basis
+from .kernels import factored, lerp_, svd_basis
 from .registry import MATRIX_ROLES, OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
 PAPER = "Nguyen, Liu, Chen & Liu 2025, arXiv 2502.07488, App. A.1 (AdafacDiag)"
@@ -99,7 +99,7 @@ class AdafacDiag(PrecondOptimizer):
             numerator = g_rot
             if beta1 > 0:
                 exp_avg = state["exp_avg"].to(cd)
-                exp_avg.lerp_(g_rot, 1 - beta1)
+                lerp_(exp_avg, g_rot, 1 - beta1)
                 if exp_avg is not state["exp_avg"]:
                     state["exp_avg"].copy_(exp_avg)
                 numerator = exp_avg / (1 - beta1**t)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..dtypes import itemsize
 from . import _space
-from .kernels import adam
+from .kernels import adam, add_scaled_
 from .registry import OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
 SVD_FLOPS_MN2 = 6
@@ -117,7 +117,7 @@ class GaLore(PrecondOptimizer):
             adam.update_moments_(state["exp_avg"], state["exp_avg_sq"], low, *c.betas)
             direction = adam.direction(state["exp_avg"], state["exp_avg_sq"], state["step"], *c.betas, c.eps)
             adam.decay_(p, c.lr, c.weight_decay)
-            p.add_(project_back(direction, proj, right), alpha=-c.lr * c.scale)
+            add_scaled_(p, project_back(direction, proj, right), -c.lr * c.scale)
 
 
 def state_bytes(shape: tuple[int, ...], dtype: torch.dtype, config: Config, info: Any = None) -> int:

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from ..dtypes import itemsize
 from ..errors import ConfigError
 from . import _space
-from .kernels import adam
+from .kernels import adam, add_scaled_, lerp_
 from .registry import OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
 EIGH_FLOPS_N3 = 9
@@ -136,7 +136,9 @@ def inverse_root(cov: Tensor, bias_correction: float, damping: float) -> Tensor:
         evals, evecs = torch.linalg.eigh(c.double())
         evals, evecs = evals.float(), evecs.float()
     evals = evals.clamp_min(0)
-    shift = damping * max(float(evals[-1]), torch.finfo(torch.float32).tiny)
+    # a tensor, not float(): a graph break here made a compiled step resume its loop over parameters with the
+    # wrong state (tests/test_compile.py)
+    shift = damping * evals[-1].clamp_min(torch.finfo(torch.float32).tiny)
     d = (evals + shift).rsqrt()
     return (evecs * d) @ evecs.mT
 
@@ -236,8 +238,8 @@ class _IsoBase(PrecondOptimizer):
         xs = x.detach().reshape(-1, p.shape[1]).to(p.dtype)
         gs = grad.reshape(-1, p.shape[0]).to(p.dtype)
         # out-of-place products (not addmm_) so that FlopCounterMode, which does not count in-place addmm_, sees them
-        state["cov_in"].add_(xs.mT @ xs, alpha=1 - beta)
-        state["cov_out"].add_(gs.mT @ gs, alpha=1 - beta)
+        add_scaled_(state["cov_in"], xs.mT @ xs, 1 - beta)
+        add_scaled_(state["cov_out"], gs.mT @ gs, 1 - beta)
 
     def _precondition(self, p: Tensor, c: Any) -> tuple[dict[str, Any], Tensor]:
         state = self._state(p)
@@ -272,7 +274,7 @@ class Iso(_IsoBase):
     Config = Config
 
     def _apply(self, p: Tensor, pg: Tensor, state: dict[str, Any], c: Config) -> None:
-        state["exp_avg"].lerp_(pg, 1 - c.momentum)
+        lerp_(state["exp_avg"], pg, 1 - c.momentum)
         adam.decay_(p, c.lr, c.weight_decay)
         p.add_(state["exp_avg"], alpha=-c.lr / (1 - c.momentum ** state["step"]))
 

@@ -26,7 +26,7 @@ import torch
 from ..dtypes import itemsize
 from ..errors import ConfigError
 from . import _space
-from .kernels import adam
+from .kernels import adam, add_scaled_
 from .kernels import newton_schulz as ns
 from .registry import MATRIX_ROLES, OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
@@ -126,7 +126,7 @@ class Muon(PrecondOptimizer):
             o = muon_update(p.grad, state["momentum_buffer"], c, role)
             rows, cols = matrix_view(tuple(p.shape), role)[-2:]
             adam.decay_(p, c.lr, c.weight_decay)
-            p.add_(o, alpha=-c.lr * update_scale(rows, cols, c.scale))
+            add_scaled_(p, o, -c.lr * update_scale(rows, cols, c.scale))
 
 
 def state_bytes(shape: tuple[int, ...], dtype: torch.dtype, config: Config, info: Any = None) -> int:

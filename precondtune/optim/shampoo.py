@@ -30,7 +30,7 @@ import torch
 
 from ..dtypes import itemsize
 from . import _space
-from .kernels import adam, eigen
+from .kernels import adam, add_scaled_, eigen, lerp_
 from .registry import ALL_ROLES, OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
 GRAFTINGS = ("adam", "none")
@@ -131,7 +131,7 @@ class Shampoo(PrecondOptimizer):
             for i, h in enumerate(stats):
                 if h is not None:
                     gram = eigen.mode_gram(g, i)
-                    h.add_(gram) if beta2 == 1 else h.lerp_(gram, 1 - beta2)
+                    h.add_(gram) if beta2 == 1 else lerp_(h, gram, 1 - beta2)
             if beta1 > 0:
                 state["exp_avg"].lerp_(g, 1 - beta1)
                 m = state["exp_avg"] / (1 - beta1 ** t)
@@ -155,7 +155,7 @@ class Shampoo(PrecondOptimizer):
             else:
                 d = graft if graft is not None else m
             adam.decay_(p, c.lr, c.weight_decay)
-            p.add_(d, alpha=-c.lr)
+            add_scaled_(p, d, -c.lr)
 
 
 def state_bytes(shape: tuple[int, ...], dtype: torch.dtype, config: Config, info: Any = None) -> int:

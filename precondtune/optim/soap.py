@@ -28,7 +28,7 @@ import torch
 
 from ..dtypes import itemsize
 from . import _space
-from .kernels import eigen
+from .kernels import add_scaled_, eigen, lerp_
 from .registry import ALL_ROLES, OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
 
@@ -102,7 +102,7 @@ def layout(shape: tuple[int, ...], c: Config) -> tuple[tuple[int, ...], list[boo
 def _accumulate(gg: list[torch.Tensor | None], g: torch.Tensor, beta: float) -> None:
     for i, h in enumerate(gg):
         if h is not None:
-            h.lerp_(eigen.mode_gram(g, i), 1 - beta)
+            lerp_(h, eigen.mode_gram(g, i), 1 - beta)
 
 
 class SOAP(PrecondOptimizer):
@@ -137,13 +137,13 @@ class SOAP(PrecondOptimizer):
             gp = eigen.to_basis(g, qs)
             state["step"] += 1
             t = state["step"]
-            m.mul_(beta1).add_(gp, alpha=1 - beta1)
+            add_scaled_(m.mul_(beta1), gp, 1 - beta1)
             v.mul_(beta2).add_(gp.square(), alpha=1 - beta2)
             denom = v.sqrt().add_(c.eps)
             step_size = c.lr
             if c.correct_bias:
                 step_size = c.lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-            p.add_(eigen.from_basis(m / denom, qs).reshape(p.shape), alpha=-step_size)
+            add_scaled_(p, eigen.from_basis(m / denom, qs).reshape(p.shape), -step_size)
             if c.weight_decay > 0:
                 p.add_(p, alpha=-c.lr * c.weight_decay)
             _accumulate(gg, g, beta_s)

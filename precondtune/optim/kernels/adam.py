@@ -11,10 +11,12 @@ import math
 import torch
 from torch import Tensor
 
+from . import lerp_
+
 
 def update_moments_(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float) -> None:
     """EMA of the gradient and of its square, in place."""
-    m.lerp_(g, 1 - beta1)
+    lerp_(m, g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
 

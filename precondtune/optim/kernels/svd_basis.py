@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import adam
+from . import adam, add_scaled_
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,7 +171,7 @@ class Rotated:
         """W ← W·(1 − η·λ) − η · P U [Qᵀ] for an update U computed in the basis (decoupled weight decay)."""
         back = unrotate(update, self.basis_p, self.basis_q)
         adam.decay_(param, lr, weight_decay)
-        param.add_(restore(back, self.transposed, param.shape).to(param.dtype), alpha=-lr)
+        add_scaled_(param, restore(back, self.transposed, param.shape).to(param.dtype), -lr)
 
 
 def rotate_in(param: Tensor, state: dict[str, Any], *, two_sided: bool, every: int,
