@@ -98,6 +98,38 @@ def _check_hyperparameters(spec: optim.OptimizerSpec, hp: Mapping[str, Any], whe
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _alternatives(pattern: str) -> list[str]:
+    """The top-level ``|`` alternatives of a regular expression (not those inside a group or a character class)."""
+    out, depth, in_class, start, i = [], 0, False, 0, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "]":  # a ']' right after '[' is a literal
+                i += 1
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            out.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    return [*out, pattern[start:]]
+
+
+def _matches_a_role(pattern: str) -> bool:
+    try:
+        return any(re.fullmatch(pattern, role) for role in ROLES)
+    except re.error:  # an alternative that is no regular expression on its own: judged with the whole pattern
+        return True
+
+
 def _check_regex(pattern: Any, where: str) -> str:
     if not isinstance(pattern, str):
         raise ConfigError(f"{where} must be a regular expression string; got {pattern!r}")
@@ -144,9 +176,12 @@ def validate(doc: Any, *, where: str = "config") -> RecommendedConfig:
         if "match" not in g:
             raise ConfigError(f"{at}: missing key 'match' (a regular expression over roles, e.g. 'embedding|head')")
         rule: dict[str, Any] = {"match": _check_regex(g["match"], f"{at}.match")}
-        if not any(re.fullmatch(rule["match"], role) for role in ROLES):
-            raise ConfigError(f"{at}.match {rule['match']!r} matches no role, so the rule would apply to nothing; "
-                              f"match is full-matched against a parameter's role: {', '.join(ROLES)} "
+        dead = next((alt for alt in _alternatives(rule["match"]) if not _matches_a_role(alt)), None)
+        if dead is not None:
+            what = (f"{at}.match {rule['match']!r} matches no role, so the rule would apply to nothing"
+                    if dead == rule["match"] else
+                    f"{at}.match {rule['match']!r}: its alternative {dead!r} matches no role (a misspelt role?)")
+            raise ConfigError(f"{what}; match is full-matched against a parameter's role: {', '.join(ROLES)} "
                               "(a parameter name goes in 'name')")
         if g.get("name") is not None:
             rule["name"] = _check_regex(g["name"], f"{at}.name")

@@ -92,6 +92,8 @@ def test_exponent_numbers_written_by_hand_are_floats(tmp_path):
     ({"param_groups": [{"match": "vector", "optimizer": 3}]}, "param_groups[0].optimizer must name"),
     ({"param_groups": [{"match": "embeddings", "optimizer": "adamw"}]},  # a typo would silently route nothing
      "param_groups[0].match 'embeddings' matches no role"),
+    ({"param_groups": [{"match": "embeddings|head", "optimizer": "adamw"}]},  # half a rule routing nothing
+     "param_groups[0].match 'embeddings|head': its alternative 'embeddings' matches no role"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(tmp_path, change, key):
     doc = {**DOC, **change}
@@ -186,3 +188,9 @@ def test_numpy_values_are_written_and_built_as_python_numbers(tmp_path):
     back = yaml.safe_load(path.read_text())["hyperparameters"]
     assert back["lr"] == 1e-3 and back["k"] == 10 and back["betas"] == [0.96, 0.99]
     assert po.get_spec("sophia").config(k=np.int32(10)).k == 10
+
+
+@pytest.mark.parametrize("pattern", ["embedding|head|vector", "(embeddings|embedding)|head", "[|a-z]+", r"vect\w+|head",
+                                     "vec.*|mat(rix)?"])
+def test_match_alternatives_inside_groups_classes_and_escapes_are_not_split(pattern):
+    pc.validate({**DOC, "param_groups": [{"match": pattern, "optimizer": "adamw"}]})
