@@ -808,6 +808,7 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
+    code = 0
     try:
         mf = load_model_file(model)
         obj = Objective(mf, settings)
@@ -820,7 +821,8 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
             study.optimize(obj, n_trials=n_trials, timeout=settings.timeout, catch=(Exception,),
                            callbacks=[*_observers(study.pruner), _stop_without_parent, _between_trials])
     except KeyboardInterrupt as e:  # Ctrl-C reaches the whole process group; the parent reports it in one line
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        code = 143 if isinstance(e, Terminated) else 130
+    stopping.exit_process(code, note=False)  # the parent names any thread the model file left running
 
 
 def _between_trials(_study: optuna.Study, _trial: Any) -> None:

@@ -11,7 +11,10 @@ resumes. ``precondtune`` exits 130 after Ctrl-C and 143 after SIGTERM.
 """
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,3 +79,25 @@ def check() -> None:
     """Raise the signal recorded inside :func:`deferred`, if there is one."""
     if _pending:
         raise _exception(_pending.pop())
+
+
+def exit_process(code: int, *, note: bool = True) -> None:
+    """Exit with ``code`` without waiting for threads a model file left running.
+
+    Python waits for every non-daemon thread before it exits, so a model file that starts one (a prefetcher, a
+    logger) kept the command, or a ``--workers`` process and the parent waiting for it, alive after its work was
+    done. precondtune's own threads are finished by the time this is called. ``note``: say so on stderr.
+    """
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if not left:
+        sys.exit(code)
+    if note:
+        names = ", ".join(repr(t.name) for t in left)
+        print(f"note: not waiting for {len(left)} thread(s) the model file left running ({names})", file=sys.stderr)
+    atexit._run_exitfuncs()  # what a normal exit runs after the threads: database connections close cleanly
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed stdout
+            pass
+    os._exit(code)

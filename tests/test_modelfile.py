@@ -193,6 +193,34 @@ def test_what_a_model_file_prints_goes_to_stderr_under_json(tmp_path):
     assert r.returncode == 0 and "building" in r.stdout  # without --json prints stay where the file put them
 
 
+def test_a_thread_the_model_file_leaves_running_does_not_keep_the_command_alive(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "threaded.py"
+    path.write_text(
+        "import threading, time\nimport torch\nimport torch.nn.functional as F\n"
+        "threading.Thread(target=time.sleep, args=(600,), name='prefetcher').start()  # not a daemon\n"
+        "def build_model():\n    return torch.nn.Linear(8, 4)\n"
+        "def sample_batch(n):\n    return torch.randn(n, 8), torch.randint(4, (n,))\n"
+        "def loss_fn(model, batch):\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
+    r = subprocess.run([sys.executable, "-m", "precondtune", "memory", str(path), "-o", "adamw", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["optimizers"][0]["name"] == "adamw"
+    assert "not waiting for 1 thread(s)" in r.stderr and "'prefetcher'" in r.stderr
+    bad = subprocess.run([sys.executable, "-m", "precondtune", "memory", str(path), "-o", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:"), bad.stderr
+    # a --workers process loads the model file too, and the parent waits for it
+    r = subprocess.run([sys.executable, "-m", "precondtune", "tune", str(path), "-o", "adamw", "--trials", "2",
+                        "--steps", "4", "--workers", "2", "--storage", f"sqlite:///{tmp_path}/s.db", "--json"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["new_trials"]["complete"] == 2
+
+
 def test_model_file_errors_name_the_fix(tmp_path):
     import torch
 

@@ -53,17 +53,17 @@ def main() -> None:
     except usage_error as e:
         message = e.format_message().strip()
         if not message:  # `precondtune` alone: the help was shown
-            sys.exit(0)
+            stopping.exit_process(0)
         hint = f" (see `precondtune {e.ctx.info_name} --help`)" if e.ctx is not None and e.ctx.parent else ""
         print(f"error: {message}{hint}", file=sys.stderr)
-        sys.exit(2)
+        stopping.exit_process(2)
     except abort as e:
         terminated = isinstance(e.__cause__, stopping.Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
-        sys.exit(143 if terminated else 130)
+        stopping.exit_process(143 if terminated else 130)
     except exit_ as e:
-        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    sys.exit(code if isinstance(code, int) else 0)
+        stopping.exit_process(getattr(e, "exit_code", getattr(e, "code", 0)))
+    stopping.exit_process(code if isinstance(code, int) else 0)
 
 
 def _run_app() -> object:
