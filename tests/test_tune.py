@@ -276,6 +276,23 @@ def test_completed_snapshot_prunes_exactly_like_the_median_pruner(tiny_model, mo
     assert snap == plain
 
 
+def test_no_pruner_verdict_before_a_fifth_of_the_steps_or_during_the_warmup(tiny_model):
+    """The first tenth's losses rank configurations poorly (benchmarks/pruning_start.py): the pruner starts at
+    PRUNE_AFTER of the steps, later if the lr warmup runs longer."""
+    import precondtune.search as search
+    from precondtune.training import Schedule
+
+    assert search.PRUNE_AFTER == 0.2
+    assert search.make_pruner("median", Schedule(200), 20).pruner._n_warmup_steps == 40
+    assert search.make_pruner("median", Schedule(200, warmup=60), 20).pruner._n_warmup_steps == 60
+    assert search.make_pruner("halving", Schedule(200), 20)._min_resource == 40
+    settings = SearchSettings(optimizer="adamw", trials=12, steps=40, batch_size=16, storage="memory",
+                              pruner="median", adamw=AdamWReference(lr=0.3))
+    r = run_search(load_model_file(tiny_model), settings)
+    steps = [n for n, reason in zip(r.frame["steps_run"], r.frame["reason"]) if "median pruner" in str(reason)]
+    assert steps and min(steps) >= 8  # reports every 4 steps; the first verdict may come at step 8 of 40
+
+
 def test_constant_liar_only_where_trials_run_side_by_side(tiny_model, monkeypatch, tmp_path):
     import precondtune.search as search
 
