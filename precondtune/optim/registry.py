@@ -7,7 +7,6 @@ every such module itself, so adding an optimizer is adding its module. Names are
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
 import math
@@ -219,10 +218,13 @@ def _compiling() -> bool:
     return bool(is_compiling is not None and is_compiling())
 
 
-@functools.cache
-def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` under ``torch.compiler.disable``, made on first use (importing dynamo costs a second)."""
-    return torch.compiler.disable(fn)
+def _validate(optimizer: Any, group: dict[str, Any]) -> Any:
+    return optimizer._validated_config(group)
+
+
+_eager_validate: Callable[[Any, dict[str, Any]], Any] | None = None
+""":func:`_validate` under ``torch.compiler.disable``: made when the first optimizer is built, outside any compiled
+code (dynamo is loaded by then: ``torch.optim.Optimizer`` imports it), so a compiled step only calls it."""
 
 
 class PrecondOptimizer(torch.optim.Optimizer):
@@ -235,6 +237,9 @@ class PrecondOptimizer(torch.optim.Optimizer):
     Config: type
 
     def __init__(self, params: Iterable[Any], **hyperparameters: Any) -> None:
+        global _eager_validate
+        if _eager_validate is None:
+            _eager_validate = torch.compiler.disable(_validate)
         config = make_config(self.Config, hyperparameters, where=type(self).__name__)
         super().__init__(params, config_dict(config))
         for group in self.param_groups:
@@ -256,8 +261,8 @@ class PrecondOptimizer(torch.optim.Optimizer):
         """The validated Config of one param group (group keys override the defaults). Inside a compiled
         ``opt.step()`` the validation runs eagerly, instead of guarding on every hyperparameter (which recompiles
         until dynamo's limit)."""
-        if _compiling():
-            return _eager(type(self)._validated_config)(self, group)
+        if _compiling() and _eager_validate is not None:
+            return _eager_validate(self, group)
         return self._validated_config(group)
 
     def _validated_config(self, group: dict[str, Any]) -> Any:
