@@ -831,7 +831,10 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
                            callbacks=[*_observers(study.pruner), _stop_without_parent, _between_trials])
     except KeyboardInterrupt as e:  # Ctrl-C reaches the whole process group; the parent reports it in one line
         code = 143 if isinstance(e, Terminated) else 130
-    stopping.exit_process(code, note=False)  # the parent names any thread the model file left running
+    if multiprocessing.parent_process() is not None:  # a --workers process (tests call this in-process)
+        stopping.exit_process(code, note=False)  # the parent names any thread the model file left running
+    if code:
+        sys.exit(code)
 
 
 def _between_trials(_study: optuna.Study, _trial: Any) -> None:
