@@ -110,8 +110,8 @@ def _alternatives(pattern: str) -> list[str]:
             in_class = ch != "]"
         elif ch == "[":
             in_class = True
-            if pattern[i + 1:i + 2] == "]":  # a ']' right after '[' is a literal
-                i += 1
+            i += pattern[i + 1:i + 2] == "^"
+            i += pattern[i + 1:i + 2] == "]"  # a ']' right after '[' or '[^' is a literal
         elif ch == "(":
             depth += 1
         elif ch == ")":
@@ -123,9 +123,9 @@ def _alternatives(pattern: str) -> list[str]:
     return [*out, pattern[start:]]
 
 
-def _matches_a_role(pattern: str) -> bool:
+def _matches_a_role(pattern: str, flags: int = 0) -> bool:
     try:
-        return any(re.fullmatch(pattern, role) for role in ROLES)
+        return any(re.fullmatch(pattern, role, flags) for role in ROLES)
     except re.error:  # an alternative that is no regular expression on its own: judged with the whole pattern
         return True
 
@@ -176,7 +176,8 @@ def validate(doc: Any, *, where: str = "config") -> RecommendedConfig:
         if "match" not in g:
             raise ConfigError(f"{at}: missing key 'match' (a regular expression over roles, e.g. 'embedding|head')")
         rule: dict[str, Any] = {"match": _check_regex(g["match"], f"{at}.match")}
-        dead = next((alt for alt in _alternatives(rule["match"]) if not _matches_a_role(alt)), None)
+        flags = re.compile(rule["match"]).flags  # inline flags such as (?i) hold for every alternative
+        dead = next((alt for alt in _alternatives(rule["match"]) if not _matches_a_role(alt, flags)), None)
         if dead is not None:
             what = (f"{at}.match {rule['match']!r} matches no role, so the rule would apply to nothing"
                     if dead == rule["match"] else

@@ -28,6 +28,7 @@ import socket
 import statistics
 import sys
 import time
+import traceback
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -831,7 +832,12 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
                            callbacks=[*_observers(study.pruner), _stop_without_parent, _between_trials])
     except KeyboardInterrupt as e:  # Ctrl-C reaches the whole process group; the parent reports it in one line
         code = 143 if isinstance(e, Terminated) else 130
-    if multiprocessing.parent_process() is not None:  # a --workers process (tests call this in-process)
+    except Exception:
+        if multiprocessing.parent_process() is None:  # called in-process (tests): the caller sees the error
+            raise
+        traceback.print_exc()  # what multiprocessing prints for an error in a child, then the exit below
+        code = 1
+    if multiprocessing.parent_process() is not None:  # a --workers process
         stopping.exit_process(code, note=False)  # the parent names any thread the model file left running
     if code:
         sys.exit(code)

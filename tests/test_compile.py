@@ -11,6 +11,8 @@ basis).
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -18,7 +20,12 @@ import precondtune.optim as po
 from precondtune.optim.kernels import add_scaled_, lerp_
 from precondtune.optim.sophia import hessian_step
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore"),
+    pytest.mark.skipif(not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
+                       reason="inductor builds CPU kernels with a C++ compiler and none is installed (.ci/run "
+                              "installs g++)"),
+]
 
 STEPS = 3
 TOLERANCE = 1e-2

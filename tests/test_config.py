@@ -191,6 +191,6 @@ def test_numpy_values_are_written_and_built_as_python_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("pattern", ["embedding|head|vector", "(embeddings|embedding)|head", "[|a-z]+", r"vect\w+|head",
-                                     "vec.*|mat(rix)?"])
+                                     "vec.*|mat(rix)?", "(?i)EMBEDDING|HEAD", "(?x) embedding | head", "[^]|]+|head"])
 def test_match_alternatives_inside_groups_classes_and_escapes_are_not_split(pattern):
     pc.validate({**DOC, "param_groups": [{"match": pattern, "optimizer": "adamw"}]})

@@ -202,6 +202,7 @@ def test_a_thread_the_model_file_leaves_running_does_not_keep_the_command_alive(
     path.write_text(
         "import threading, time\nimport torch\nimport torch.nn.functional as F\n"
         "threading.Thread(target=time.sleep, args=(600,), name='prefetcher').start()  # not a daemon\n"
+        f"LOG = open({str(tmp_path / 'log.txt')!r}, 'a')\nLOG.write('loaded\\n')  # buffered, never closed\n"
         "def build_model():\n    return torch.nn.Linear(8, 4)\n"
         "def sample_batch(n):\n    return torch.randn(n, 8), torch.randint(4, (n,))\n"
         "def loss_fn(model, batch):\n    return F.cross_entropy(model(batch[0]), batch[1])\n")
@@ -210,6 +211,7 @@ def test_a_thread_the_model_file_leaves_running_does_not_keep_the_command_alive(
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["optimizers"][0]["name"] == "adamw"
     assert "not waiting for 1 thread(s)" in r.stderr and "'prefetcher'" in r.stderr
+    assert (tmp_path / "log.txt").read_text() == "loaded\n"  # flushed, as a normal exit would
     bad = subprocess.run([sys.executable, "-m", "precondtune", "memory", str(path), "-o", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error:"), bad.stderr
@@ -219,6 +221,14 @@ def test_a_thread_the_model_file_leaves_running_does_not_keep_the_command_alive(
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["new_trials"]["complete"] == 2
+    # a worker that fails (here: the model file raises only in a child) ends too, and the parent says so
+    (tmp_path / "child.py").write_text(path.read_text().replace(
+        "def build_model", "import multiprocessing\nif multiprocessing.parent_process() is not None:\n"
+        "    raise RuntimeError('only in a worker')\ndef build_model", 1))
+    r = subprocess.run([sys.executable, "-m", "precondtune", "tune", str(tmp_path / "child.py"), "-o", "adamw",
+                        "--trials", "2", "--steps", "4", "--workers", "2", "--storage", f"sqlite:///{tmp_path}/c.db"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 2 and "1 worker process(es) exited with code 1" in r.stderr, r.stderr
 
 
 def test_model_file_errors_name_the_fix(tmp_path):
