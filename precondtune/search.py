@@ -818,6 +818,7 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
+    child = multiprocessing.parent_process() is not None  # a --workers process; tests call this in-process
     code = 0
     try:
         mf = load_model_file(model)
@@ -833,11 +834,11 @@ def _worker(model: str, settings: SearchSettings, study_name: str, n_trials: int
     except KeyboardInterrupt as e:  # Ctrl-C reaches the whole process group; the parent reports it in one line
         code = 143 if isinstance(e, Terminated) else 130
     except Exception:
-        if multiprocessing.parent_process() is None:  # called in-process (tests): the caller sees the error
+        if not child:  # the caller sees the error
             raise
         traceback.print_exc()  # what multiprocessing prints for an error in a child, then the exit below
         code = 1
-    if multiprocessing.parent_process() is not None:  # a --workers process
+    if child:
         stopping.exit_process(code, note=False)  # the parent names any thread the model file left running
     if code:
         sys.exit(code)
@@ -1069,24 +1070,24 @@ ProgressFn = Callable[[int, int, float | None, int, int], None]
 """``progress(done, total, best value, pruned, failed)`` over this run's new trials."""
 
 
-def _own_settings(settings: SearchSettings, name: str) -> SearchSettings:
-    """``settings`` with the trial settings study ``name`` was made with (unchanged when it has none); a study
-    file that does not exist raises :class:`ConfigError` (``--trials 0`` creates nothing)."""
+def _own_settings(settings: SearchSettings, name: str) -> tuple[SearchSettings, StorageRef]:
+    """``settings`` with the trial settings study ``name`` was made with (unchanged when it has none), and the
+    opened storage; a study file that does not exist raises :class:`ConfigError` (``--trials 0`` creates nothing)."""
     url = storage_url(settings.storage)
     if url.startswith("sqlite:///") and not _is_memory(url) and not Path(url[len("sqlite:///"):]).exists():
         raise ConfigError(f"there is no study {name!r} in {url} to show: the file does not exist (--trials 0 adds "
                           "nothing); check --storage, or run with --trials N to start the study")
-    storage = open_storage(settings.storage, workers=settings.workers).storage
+    ref = open_storage(settings.storage, workers=settings.workers)
     try:
-        stored = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("trial_settings")
+        stored = ref.storage.get_study_user_attrs(ref.storage.get_study_id_from_name(name)).get("trial_settings")
     except KeyError:  # no such study: open_study says so
-        return settings
+        return settings, ref
     if not isinstance(stored, dict):
-        return settings
+        return settings, ref
     own = dataclasses.replace(settings, **{k: stored[k] for k in TRIAL_SETTINGS if k in stored})
     if own.warmup == dataclasses.replace(own, warmup=None).schedule().warmup_steps:
         own = dataclasses.replace(own, warmup=None)  # stored resolved: the default, as the user left it
-    return own
+    return own, ref
 
 
 def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn | None = None,
@@ -1101,8 +1102,9 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
                           "with `precondtune plan MODEL -o NAME,NAME`")
     obj = Objective(mf, settings)  # validates --set, --steps/--warmup/--decay and the optimizer name
     name = settings.study_name or f"{mf.name}-{obj.spec.name}"
+    ref: StorageRef | None = None  # opened once the model file has passed its checks, or now for --trials 0
     if settings.trials == 0:  # shown (and --seeds re-run) with the study's own trial settings
-        own = _own_settings(settings, name)
+        own, ref = _own_settings(settings, name)
         if own != settings:
             settings, obj = own, Objective(mf, own)
     pruner = make_pruner(settings.pruner, obj.schedule, settings.report_every)
@@ -1114,7 +1116,7 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     _check_hook(obj, model, data)
     del model
     _, trainable = count_parameters(data.template)
-    ref = open_storage(settings.storage, workers=settings.workers)
+    ref = ref or open_storage(settings.storage, workers=settings.workers)
     attrs = _study_attrs(mf, settings, obj.spec, trainable)
     study = open_study(ref, name, attrs, None, pruner, create=settings.trials > 0)
     retries = _fail_stale_trials(study) if settings.trials > 0 else 0

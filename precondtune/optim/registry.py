@@ -213,11 +213,6 @@ def check_range(name: str, value: Any, ok: bool, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
-
-
 def _validate(optimizer: Any, group: dict[str, Any]) -> Any:
     return optimizer._validated_config(group)
 
@@ -261,7 +256,7 @@ class PrecondOptimizer(torch.optim.Optimizer):
         """The validated Config of one param group (group keys override the defaults). Inside a compiled
         ``opt.step()`` the validation runs eagerly, instead of guarding on every hyperparameter (which recompiles
         until dynamo's limit)."""
-        if _compiling() and _eager_validate is not None:
+        if torch.compiler.is_compiling() and _eager_validate is not None:
             return _eager_validate(self, group)
         return self._validated_config(group)
 
