@@ -47,9 +47,10 @@ def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any,
                       linear_rows: dict[str, int] | None = None) -> int:
     """FLOPs of one forward+backward on ``batch`` as ``FlopCounterMode`` counts them (grads cleared after).
 
-    ``linear_rows``, when given, is filled with the rows each ``nn.Linear`` weight saw in that forward, keyed by the
-    weight's name (summed over calls and over modules sharing it): what hooks capturing a layer's inputs work on
-    (a ViT's patches, a sliced sequence). Layers recomputed under activation checkpointing are counted twice."""
+    ``linear_rows``, when given, is filled with the rows each ``nn.Linear`` weight saw in that forward and got an
+    output gradient for in the backward, keyed by the weight's name (summed over calls and over modules sharing
+    it): what hooks capturing a layer's (input, output gradient) pairs work on (a ViT's patches, a sliced
+    sequence). A layer recomputed under activation checkpointing is counted once, as such hooks see it."""
     param = next(model.parameters(), None)
     if param is None:
         raise ModelFileError(f"{mf.path}: the model has no parameters; nothing to optimize")
@@ -58,9 +59,14 @@ def count_train_flops(mf: ModelFile, model: nn.Module, batch: Any,
     counter = FlopCounterMode(display=False)
     handles = []
     if linear_rows is not None:
+        def rows(name: str, n: int, _grad: torch.Tensor) -> None:
+            linear_rows[name] = linear_rows.get(name, 0) + n
+
         def count(name: str, module: nn.Linear, args: tuple[Any, ...], output: Any) -> None:
-            if args and torch.is_tensor(args[0]):
-                linear_rows[name] = linear_rows.get(name, 0) + args[0].numel() // max(module.in_features, 1)
+            # counted when the output's gradient arrives, as Iso's hooks capture: a forward recomputed under
+            # activation checkpointing runs the hook again, but only one of the two outputs gets a gradient
+            if args and torch.is_tensor(args[0]) and torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(functools.partial(rows, name, args[0].numel() // max(module.in_features, 1)))
 
         first: dict[int, str] = {}  # a weight shared by two Linear modules is one parameter, named where first seen
         linears = [(path, m) for path, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]

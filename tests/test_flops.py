@@ -285,13 +285,24 @@ def loss_fn(m, b):
 '''
 
 
-def test_iso_capture_flops_count_the_rows_each_layer_sees(tmp_path):
+CHECKPOINTED = PATCHES.replace(
+    "return self.cls(F.gelu(self.mlp(F.gelu(self.embed(p)))).mean(1))",
+    "h = F.gelu(self.embed(p))\n"
+    "        h = torch.utils.checkpoint.checkpoint(lambda t: F.gelu(self.mlp(t)), h, use_reentrant=REENTRANT)\n"
+    "        return self.cls(h.mean(1))").replace("import torch,", "import torch.utils.checkpoint, torch,")
+
+
+@pytest.mark.parametrize("source", ["patches", "checkpoint", "checkpoint-reentrant"])
+def test_iso_capture_flops_count_the_rows_each_layer_sees(tmp_path, source):
     """Iso's hooks cost 2·N·(in² + out²) per layer and step for the N rows the layer saw; a patch model's layers
     see 16 rows per image, where the batch's leading dimension says one (the overhead read 0.33 instead of 1.09).
+    A layer recomputed under activation checkpointing is captured once, not once per forward (it counted twice).
     The report's step FLOPs equal FlopCounterMode's: the step itself plus what the hooks add to backward."""
     from precondtune.modelfile import load_model_file
 
-    (tmp_path / "vit.py").write_text(PATCHES)
+    text = PATCHES if source == "patches" else f"REENTRANT = {source.endswith('reentrant')}\n{CHECKPOINTED}"
+    assert source == "patches" or "checkpoint(" in text
+    (tmp_path / "vit.py").write_text(text)
     mf = load_model_file(tmp_path / "vit.py")
     report = flops.flops_report(mf, ["iso"], batch_size=8).as_json()
     iso = next(o for o in report["optimizers"] if o["name"] == "iso")
