@@ -10,9 +10,10 @@ For one model and batch, per optimizer (every parameter routed as :func:`precond
   documented operation counts, plus the extra matmuls), and
   ``amortized_step_flops`` A = S + refresh/every (per parameter, so different periods add correctly)
   + extra forward+backward passes an optimizer spends (Sophia's Hessian estimate every k steps) · F.
-* Model-level costs an optimizer module declares next to its update: ``estimator_flops(F, config)`` (Sophia's
-  Hessian estimate, extra forward+backward passes every k steps; amortized into A and added whole to the
-  refresh step) and ``capture_flops(shape, tokens)`` (Iso's covariance hooks inside backward; every step).
+* Model-level costs an optimizer module declares next to its update: ``estimate_passes(configs)`` (Sophia's
+  Hessian estimate, extra forward+backward passes every k steps, counted on the model with
+  ``FlopCounterMode`` where it can run them, :func:`count_extra_passes`; amortized into A and added whole to
+  the refresh step) and ``capture_flops(shape, tokens)`` (Iso's covariance hooks inside backward; every step).
 * ``overhead`` = A / F. For Muon on a d_out×d_in matrix (m = min, n = max) with T Newton–Schulz steps,
   S = T·(4·m²·n + 2·m³) against the layer's 6·B·m·n, i.e. T·m/B for a square matrix (Jordan et al. 2024,
   github.com/KellerJordan/Muon; the seeds' "T·m/B").
@@ -30,10 +31,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import optim as po
 from .dtypes import dtype_name, itemsize, parse_dtype
@@ -190,16 +193,61 @@ def _module_of(spec: po.OptimizerSpec) -> Any:
     return sys.modules.get(spec.optimizer_cls.__module__)
 
 
-def extra_train_passes(spec: po.OptimizerSpec, config: Any) -> float:
-    """Extra forward+backward passes per step, amortized, in units of one training forward+backward.
+def extra_train_passes(configs: Mapping[str, list[Any]]) -> tuple[float, float]:
+    """Extra forward+backward passes, in units of one training forward+backward: (per step, amortized; on a
+    step that runs them), for the param-group configs of each optimizer spec a model is routed to.
 
     Sophia re-estimates its diagonal Hessian every k steps with one more forward+backward (Gauss–Newton–Bartlett)
-    or about two (Hutchinson) (Liu et al., arXiv 2305.14342, Algorithms 1–3). An optimizer module declares such a
-    model-level cost with ``estimator_flops(train_flops_per_step, config) -> amortized FLOPs per step`` (linear
-    in F); its ``StepFlops.every`` is the period. Optimizers without that function cost nothing extra.
+    or about three (Hutchinson) (Liu et al., arXiv 2305.14342, Algorithms 1–3), in whichever part of a routed
+    optimizer it runs. An optimizer module declares such a model-level cost with
+    ``estimate_passes(configs) -> (amortized, per estimate)``; :func:`count_extra_passes` counts it on a model.
     """
-    hook = getattr(_module_of(spec), "estimator_flops", None)
-    return float(hook(1.0, config)) if hook is not None else 0.0
+    amortized = peak = 0.0
+    for name, group_configs in configs.items():
+        hook = getattr(_module_of(po.get_spec(name)), "estimate_passes", None)
+        if hook is not None:
+            a, p = hook(group_configs)
+            amortized, peak = amortized + a, peak + p
+    return amortized, peak
+
+
+def count_extra_passes(mf: ModelFile, model: torch.nn.Module, batch: Any, name: str, train_flops: int, *,
+                       routing: Any = None, hyperparameters: Mapping[str, Any] | None = None
+                       ) -> tuple[float, float] | None:
+    """:func:`extra_train_passes` counted by ``FlopCounterMode`` on ``model`` and ``batch`` instead of assumed:
+    each set of Sophia param groups that re-estimate together is run once (only their parameters are
+    differentiated, so a Sophia part holding a few tensors costs less than a whole forward+backward), weighted
+    by the share of steps it runs on. ``train_flops`` is F counted on the same batch. None when the model cannot
+    run the estimate (no ``logits_fn`` for GNB, no double backward for Hutchinson, an op the meta device lacks):
+    the assumed passes then stand."""
+    from .optim import sophia
+
+    opt = po.build(name, model, routing=routing, **dict(hyperparameters or {}))
+    parts = sophia.sophia_parts(opt)
+    if not parts or not train_flops:
+        return None
+    param = next(model.parameters())
+    batch = move_to(batch, param.device)
+    amortized = peak = 0.0
+    try:
+        for part in parts:
+            shares = sophia.estimate_shares([part.group_config(g).k for g in part.param_groups])
+            most = 0
+            for groups, share in shares.items():
+                counter = FlopCounterMode(display=False)
+                generator = torch.Generator(param.device).manual_seed(0) if param.device.type != "meta" else None
+                with sdpa_kernel([SDPBackend.MATH]), counter:
+                    part.update_hessian(model, batch, mf.raw_loss, mf.logits_fn, groups=sorted(groups),
+                                        generator=generator)
+                flops = counter.get_total_flops()
+                amortized += float(share) * flops
+                most = max(most, flops)
+            peak += most
+    except (PrecondtuneError, RuntimeError, NotImplementedError):
+        return None
+    finally:
+        model.zero_grad(set_to_none=True)
+    return amortized / train_flops, peak / train_flops
 
 
 def capture_flops(spec: po.OptimizerSpec, info: ParamInfo, tokens: int) -> int:
@@ -240,6 +288,8 @@ class Analytic:
     extra_passes: float
     """Amortized extra forward+backward passes per step (:func:`extra_train_passes`)."""
     config: Any
+    estimate_passes: float = 0.0
+    """The extra forward+backward passes on a step that runs them (added whole to the refresh step)."""
 
     def total_amortized(self, train_flops: float) -> float:
         """Amortized optimizer FLOPs per step including the extra forward+backward passes."""
@@ -247,7 +297,7 @@ class Analytic:
 
     def refresh_step(self, train_flops: float) -> float:
         """FLOPs of the optimizer's part of a refresh step (an estimate's whole extra passes included)."""
-        return self.step_flops + self.refresh_flops + self.extra_passes * max(self.refresh_every, 1) * train_flops
+        return self.step_flops + self.refresh_flops + self.estimate_passes * train_flops
 
 
 def analyze(name: str, infos: list[ParamInfo], *, tokens: int = 0, routing: Any = None,
@@ -267,6 +317,7 @@ def analyze(name: str, infos: list[ParamInfo], *, tokens: int = 0, routing: Any 
     amortized = 0.0
     moved = 0
     periods: list[int] = []
+    group_configs: dict[str, list[Any]] = {}  # each spec's distinct configs: its param groups, as build makes them
     for a in po.route(main.name, infos, routing, **hp):
         sf = a.spec.flops(a.info, a.config)
         capture = capture_flops(a.spec, a.info, tokens if rows is None else rows.get(a.info.name, 0))
@@ -277,9 +328,22 @@ def analyze(name: str, infos: list[ParamInfo], *, tokens: int = 0, routing: Any 
         if sf.every:
             periods.append(sf.every)
         moved += bytes_moved(a.spec, a.info, a.config)
-    config = main.config(**hp)
+        configs = group_configs.setdefault(a.spec.name, [])
+        if a.config not in configs:
+            configs.append(a.config)
+    extra, per_estimate = extra_train_passes(group_configs)
     return Analytic(step, refresh, refresh_matmul, min(periods) if periods else 0, amortized, moved,
-                    extra_train_passes(main, config), config)
+                    extra, main.config(**hp), per_estimate)
+
+
+def with_counted_passes(a: Analytic, mf: ModelFile, model: torch.nn.Module, batch: Any, name: str, train_flops: int,
+                        *, routing: Any = None, hyperparameters: Mapping[str, Any] | None = None) -> Analytic:
+    """``a`` with its extra passes counted on the model (:func:`count_extra_passes`) where it has any."""
+    if not a.extra_passes:
+        return a
+    counted = count_extra_passes(mf, model, batch, name, train_flops, routing=routing,
+                                 hyperparameters=hyperparameters)
+    return a if counted is None else replace(a, extra_passes=counted[0], estimate_passes=counted[1])
 
 
 # --------------------------------------------------------------------------------------------- prediction
@@ -424,7 +488,8 @@ def flops_report(mf: ModelFile, optimizers: str | list[str] = "all", *, batch_si
     train_flops = round(counted * tokens / counted_tokens)
     rows = {k: round(v * tokens / counted_tokens) for k, v in linear_rows.items()}  # rescaled like F
 
-    analytic = {n: analyze(n, infos, tokens=tokens, hyperparameters=hps.get(n), rows=rows)
+    analytic = {n: with_counted_passes(analyze(n, infos, tokens=tokens, hyperparameters=hps.get(n), rows=rows),
+                                       mf, model, batch, n, counted, hyperparameters=hps.get(n))
                 for n in dict.fromkeys(["adamw", *names])}
     predicted = {n: predict(a, train_flops, profile, mfu=mfu, mbu=mbu, matmul_dtype=matmul_dtype)
                  for n, a in analytic.items()} if profile else {}

@@ -187,7 +187,7 @@ def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size
     appended to ``notes``; the other configs are unaffected."""
     import dataclasses
 
-    from .flops import analyze
+    from .flops import analyze, with_counted_passes
     from .memory import MemoryPlanner, MemorySettings
     from .profiling import count_train_flops
 
@@ -195,7 +195,8 @@ def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size
         return list(results)
     planner = MemoryPlanner(mf, MemorySettings(batch_size=batch_size))
     rows: dict[str, int] = {}  # the rows each Linear sees, for hook costs (Iso)
-    train_flops = count_train_flops(mf, planner.m.module, mf.sample_batch(batch_size), rows)
+    batch = mf.sample_batch(batch_size)
+    train_flops = count_train_flops(mf, planner.m.module, batch, rows)
     infos = planner.m.infos
     out = []
     for t in results:
@@ -209,7 +210,9 @@ def with_traced_estimates(results: Sequence[Transferred], mf: Any, *, batch_size
                              f"could not be traced ({e})")
             out.append(t)
             continue
-        a = analyze(cfg.optimizer, infos, routing=cfg.param_groups or None, hyperparameters=hp, rows=rows)
+        a = with_counted_passes(analyze(cfg.optimizer, infos, routing=cfg.param_groups or None, hyperparameters=hp,
+                                        rows=rows), mf, planner.m.module, batch, cfg.optimizer, train_flops,
+                                routing=cfg.param_groups or None, hyperparameters=hp)
         step = a.total_amortized(train_flops)  # Sophia's Hessian passes and Iso's hook work included
         estimates = {**cfg.estimates, "optimizer_step_flops": step, "total_peak_bytes": int(entry["bytes"]["total_peak"]),
                      "flop_overhead": step / train_flops if train_flops else None, "batch_size": batch_size}

@@ -82,7 +82,7 @@ def test_analytic_equals_counted(name: str, example: str) -> None:
     warm = (every or 1) + 1
     counts, train, a = _counted_steps(load_example(example), name, hp, warm + 2 * max(every, 1))
     ordinary = a.step_flops
-    refresh = a.step_flops + a.refresh_matmul + round(a.extra_passes * a.refresh_every * train)
+    refresh = a.step_flops + a.refresh_matmul + round(a.estimate_passes * train)
     tail = counts[warm:]
     assert set(tail) <= {ordinary, refresh}, f"counted {counts}, analytic ordinary {ordinary} refresh {refresh}"
     assert ordinary in tail
@@ -324,3 +324,44 @@ def test_iso_capture_flops_count_the_rows_each_layer_sees(tmp_path, source):
     with FlopCounterMode(display=False) as c:
         opt.step()
     assert iso["step_flops"] == c.get_total_flops() + (hooked - plain)
+
+
+SOPHIA_ROUTES = {
+    "sophia k=5, matrices k=2": ("sophia", {"k": 5}, [{"match": "matrix", "optimizer": "sophia",
+                                                      "hyperparameters": {"k": 2}}]),
+    "adamw, matrices and head to sophia": ("adamw", {}, [{"match": "matrix|head", "optimizer": "sophia",
+                                                          "hyperparameters": {"k": 2}}]),
+    "muon, head and vectors to sophia": ("muon", {}, [{"match": "head|vector", "optimizer": "sophia",
+                                                       "hyperparameters": {"k": 3}}]),
+    "sophia hutchinson": ("sophia", {"estimator": "hutchinson", "k": 2}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(SOPHIA_ROUTES))
+def test_sophia_estimate_flops_follow_routing_and_group_periods(case):
+    """The Hessian estimate's FLOPs, wherever Sophia sits in a routed optimizer and whatever k each group has,
+    equal FlopCounterMode's count of the training loop's hook: on average over a whole cycle (amortized) and on
+    the heaviest step. They read 0 when Sophia was not the main optimizer, took only the main k, and assumed
+    two passes for Hutchinson (FlopCounterMode: 2.9–3.0)."""
+    name, hp, routing = SOPHIA_ROUTES[case]
+    mf = load_example("chargpt")
+    torch.manual_seed(0)
+    model, batch = mf.build(), mf.sample_batch(2)
+    train = count_train_flops(mf, model, batch)
+    a = flops.with_counted_passes(flops.analyze(name, inventory(model), routing=routing, hyperparameters=hp),
+                                  mf, model, batch, name, train, routing=routing, hyperparameters=hp)
+    opt = po.build(name, model, routing=routing, **hp)
+    hook = find_hook(opt)
+    assert hook is not None
+    cycle = 10 if case.startswith("sophia k=5") else 6
+    counts = []
+    for _ in range(cycle):
+        opt.zero_grad(set_to_none=True)
+        mf.loss(model, batch).backward()
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            hook(opt, model, batch, mf.raw_loss, mf.logits_fn, generator=torch.Generator().manual_seed(0))
+        counts.append(counter.get_total_flops())
+        opt.step()
+    assert a.extra_passes * train == pytest.approx(sum(counts) / cycle, rel=1e-12), counts
+    assert a.estimate_passes * train == pytest.approx(max(counts), rel=1e-12), counts
+    assert a.refresh_step(train) == pytest.approx(a.step_flops + a.refresh_flops + max(counts), rel=1e-12)

@@ -192,3 +192,50 @@ def test_from_adamw_and_search_space():
     assert (t.config.lr, t.config.weight_decay, t.config.rho, t.config.betas) == (6e-4, 0.2, 0.05, (0.965, 0.99))
     c = sophia.search_space(optuna.trial.FixedTrial({"lr": 1e-3, "rho": 0.03, "k": 5, "weight_decay": 0.2}))
     assert (c.rho, c.k) == (0.03, 5)
+
+
+def test_groups_with_their_own_k_refresh_on_their_own_period():
+    """Routing can give param groups different k; each group's h is refreshed on its own period (a refresh of the
+    k=2 group used to refresh the k=5 group too), and one estimate pass covers the groups due together."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = po.build("sophia", model, k=5, routing=[{"match": "matrix", "name": r"0\.weight", "optimizer": "sophia",
+                                                     "hyperparameters": {"k": 2}}])
+    fast = next(g for g in opt.param_groups if opt.group_config(g).k == 2)["params"]
+    assert [p.shape for p in fast] == [torch.Size([8, 6])]
+    x, y = torch.randn(16, 6), torch.randint(3, (16,))
+    refreshed: dict[str, list[int]] = {"k=2": [], "k=5": []}
+    fold = opt.accumulate_hessian
+    now = [0]
+
+    def spy(estimates):
+        for key, group in (("k=2", [p for p in estimates if any(p is q for q in fast)]),
+                           ("k=5", [p for p in estimates if not any(p is q for q in fast)])):
+            if group:
+                refreshed[key].append(now[0])
+        fold(estimates)
+
+    opt.accumulate_hessian = spy
+    for step in range(11):
+        now[0] = step
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sophia.hessian_step(opt, model, (x, y), logits_fn=lambda m, b: m(b[0]))
+        opt.step()
+    assert refreshed == {"k=2": [0, 2, 4, 6, 8, 10], "k=5": [0, 5, 10]}
+
+
+def test_estimate_shares_are_exact_over_a_cycle():
+    """The share of steps on which exactly each set of groups re-estimates, checked against counting a cycle."""
+    from fractions import Fraction
+
+    for periods in ([10], [2, 10], [3, 4], [4, 6, 10], [5, 5, 2]):
+        cycle = 1
+        for k in periods:
+            cycle = cycle * k // __import__("math").gcd(cycle, k)
+        counted: dict[frozenset[int], int] = {}
+        for t in range(cycle):
+            due = frozenset(i for i, k in enumerate(periods) if t % k == 0)
+            if due:
+                counted[due] = counted.get(due, 0) + 1
+        assert sophia.estimate_shares(periods) == {s: Fraction(n, cycle) for s, n in counted.items()}, periods

@@ -34,16 +34,21 @@ Using it:
   it finds the Sophia part of a routed optimizer, refreshes h when due (upcoming step t with t mod k = 1,
   as in Algorithm 3) and is a no-op for every other optimizer.
 
+Param groups may have their own k (routing rules): each group's h is refreshed on its own period, and one
+estimate pass covers the groups due together.
+
 Cost: the optimizer step itself has no matmul; the estimate costs one extra forward+backward of the model
-(GNB) or about two (Hutchinson: the Hessian-vector product costs about one more forward+backward, Pearlmutter
-1994) every k steps. That is a model-level cost, not a per-parameter one, so :func:`step_flops` reports
-``StepFlops(every=k)`` with zero matmul and :func:`estimator_flops` gives the amortized estimate cost from a
-model's forward+backward FLOPs.
+(GNB) or about three (Hutchinson: a backward with ``create_graph``, then the Hessian-vector product through
+it, Pearlmutter 1994) every k steps. That is a model-level cost, not a per-parameter one, so
+:func:`step_flops` reports ``StepFlops(every=k)`` with zero matmul and :func:`estimate_passes` gives the
+amortized passes in units of the model's forward+backward.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -57,9 +62,10 @@ from .kernels import adam
 from .registry import ALL_ROLES, OptimizerSpec, PrecondOptimizer, Routed, StepFlops, Transfer, check_range
 
 ESTIMATORS = ("gnb", "hutchinson")
-HESSIAN_PASSES = {"gnb": 1.0, "hutchinson": 2.0}
-"""Extra forward+backward passes per estimate: GNB one (sampled-label loss); Hutchinson about two (backward
-with ``create_graph`` plus the Hessian-vector product, Pearlmutter 1994)."""
+HESSIAN_PASSES = {"gnb": 1.0, "hutchinson": 3.0}
+"""Extra forward+backward passes per estimate when they cannot be counted on the model: GNB one (the
+sampled-label loss); Hutchinson three (a backward with ``create_graph``, then the Hessian-vector product
+through it: ``FlopCounterMode`` counts 2.9–3.0 of the training forward+backward on the bundled examples)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,14 +216,20 @@ class Sophia(PrecondOptimizer):
             sophia_update_(p, p.grad, state["exp_avg"], state["hessian"], lr=c.lr, beta1=c.betas[0], rho=c.rho,
                            eps=c.eps, weight_decay=c.weight_decay)
 
-    def hessian_due(self) -> bool:
-        """True when the upcoming step t has t mod k = 1 (Algorithm 3, line 7), i.e. steps taken ≡ 0 (mod k)."""
-        for group in self.param_groups:
+    def due_groups(self) -> list[int]:
+        """Indices of the param groups whose estimate is due before the upcoming step t: t mod k = 1 with the
+        group's own k (Algorithm 3, line 7), i.e. steps taken ≡ 0 (mod k)."""
+        due = []
+        for index, group in enumerate(self.param_groups):
             k = self.group_config(group).k
             steps = max((self.state[p].get("step", 0) for p in group["params"] if p in self.state), default=0)
             if steps % k == 0:
-                return True
-        return False
+                due.append(index)
+        return due
+
+    def hessian_due(self) -> bool:
+        """True when some param group's estimate is due (:meth:`due_groups`)."""
+        return bool(self.due_groups())
 
     def accumulate_hessian(self, estimates: Mapping[Tensor, Tensor | None]) -> None:
         """Fold per-parameter estimates ĥ into h ← β2·h + (1−β2)·ĥ (parameters missing or ``None`` keep h)."""
@@ -232,12 +244,20 @@ class Sophia(PrecondOptimizer):
     def update_hessian(self, model: nn.Module, batch: Any,
                        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                        logits_fn: Callable[[nn.Module, Any], Tensor] | None = None, *,
-                       estimator: str | None = None, generator: torch.Generator | None = None) -> None:
-        """Estimate ĥ on ``batch`` with the configured estimator and fold it into h (``.grad`` untouched)."""
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+                       estimator: str | None = None, generator: torch.Generator | None = None,
+                       groups: Sequence[int] | None = None) -> None:
+        """Estimate ĥ on ``batch`` with the configured estimator and fold it into h (``.grad`` untouched).
+
+        ``groups`` (indices into ``param_groups``) says whose h to refresh; by default the groups that are due
+        (:meth:`due_groups`: with different k per group, each keeps its own period), or every group when none
+        is due (an explicit refresh). Only those groups' parameters are differentiated."""
+        if groups is None:
+            groups = self.due_groups() or range(len(self.param_groups))
+        chosen = [self.param_groups[i] for i in groups]
+        params = [p for g in chosen for p in g["params"] if p.requires_grad]
         if not params:
             return
-        names = {self.group_config(g).estimator for g in self.param_groups}
+        names = {self.group_config(g).estimator for g in chosen}
         name = estimator or (names.pop() if len(names) == 1 else None)
         if name not in ESTIMATORS:
             raise ConfigError(f"Sophia: estimator must be one of {', '.join(ESTIMATORS)} (one per optimizer); "
@@ -281,14 +301,48 @@ def state_bytes(shape: tuple[int, ...], dtype: torch.dtype, config: Config, info
 
 
 def step_flops(shape: tuple[int, ...], config: Config) -> StepFlops:
-    """No matmul in the step; the estimate every k steps is a model-level cost (see :func:`estimator_flops`)."""
+    """No matmul in the step; the estimate every k steps is a model-level cost (see :func:`estimate_passes`)."""
     return StepFlops(every=config.k)
 
 
-def estimator_flops(train_flops_per_step: float, config: Config | None = None) -> float:
-    """Amortized FLOPs per step of the Hessian estimate: passes × forward+backward FLOPs / k."""
-    c = config or Config()
-    return HESSIAN_PASSES[c.estimator] * train_flops_per_step / c.k
+MAX_PERIODS = 12
+"""Most distinct k in one Sophia optimizer that :func:`estimate_shares` takes (2^12 subsets)."""
+
+
+def estimate_shares(periods: Sequence[int]) -> dict[frozenset[int], Fraction]:
+    """For param groups with estimate periods ``periods`` (their k) that step together: the share of steps on
+    which exactly the groups in each set (indices into ``periods``) re-estimate.
+
+    Group i re-estimates before the steps t with t mod k_i = 1, so the pattern repeats every lcm(k) steps and
+    the shares are exact fractions (inclusion–exclusion over the distinct periods: the share on which exactly
+    the periods D are due is Σ over T ⊇ D of (−1)^|T∖D| / lcm(T))."""
+    distinct = sorted(set(periods))
+    if len(distinct) > MAX_PERIODS:
+        raise ConfigError(f"Sophia: {len(distinct)} different k in one optimizer; at most {MAX_PERIODS}")
+    m = len(distinct)
+    shares: dict[frozenset[int], Fraction] = {}
+    for mask in range(1, 1 << m):
+        share = Fraction(0)
+        for sup in range(mask, 1 << m):
+            if sup & mask == mask:
+                chosen = [distinct[i] for i in range(m) if sup >> i & 1]
+                sign = -1 if (bin(sup).count("1") - bin(mask).count("1")) % 2 else 1
+                share += Fraction(sign, math.lcm(*chosen))
+        if share:
+            due = {distinct[i] for i in range(m) if mask >> i & 1}
+            shares[frozenset(g for g, k in enumerate(periods) if k in due)] = share
+    return shares
+
+
+def estimate_passes(configs: Sequence[Config]) -> tuple[float, float]:
+    """(Extra forward+backward passes per step, amortized; passes on a step that estimates) of one Sophia
+    optimizer whose param groups have ``configs``: :data:`HESSIAN_PASSES` for its estimator, on the share of
+    steps where some group is due (:func:`estimate_shares`). Where a model can run, :mod:`precondtune.flops`
+    counts each estimate with ``FlopCounterMode`` instead (a pass over some of the parameters costs less)."""
+    if not configs:
+        return 0.0, 0.0
+    passes = max(HESSIAN_PASSES[c.estimator] for c in configs)
+    return float(passes * sum(estimate_shares([c.k for c in configs]).values())), passes
 
 
 def search_space(trial: Any, base: Config | None = None) -> Config:
@@ -315,6 +369,6 @@ SPEC = OptimizerSpec(
     config_cls=Config, optimizer_cls=Sophia, state_bytes=state_bytes, step_flops=step_flops,
     search_space=search_space, from_adamw=from_adamw, state_formula="2·n (m, h)", refresh_knobs=("k",),
     roles=ALL_ROLES, elementwise=True,
-    notes="Hessian estimate every k steps: one extra forward+backward (GNB) or about two (Hutchinson); "
+    notes="Hessian estimate every k steps: one extra forward+backward (GNB) or about three (Hutchinson); "
           "call sophia.hessian_step(opt, model, batch, loss_fn, logits_fn) each step",
 )
