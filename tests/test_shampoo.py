@@ -147,8 +147,9 @@ def test_modes_above_max_precond_dim_are_identity_and_state_bytes_exact():
     assert measured_state_bytes(opt) == shampoo.state_bytes((7,), torch.float32, shampoo.Config()) == 2 * 7 * 4
 
 
-@pytest.mark.parametrize("shape", [(12, 20), (3, 4, 5)])
+@pytest.mark.parametrize("shape", [(12, 20), (3, 4, 5), (1, 1, 1, 1), (1, 1, 1), (2, 1, 3)])
 def test_step_flops_equal_flop_counter(shape):
+    """One-element tensors too (a 1x1 conv on one channel): tensordot ran them as a mul, uncounted."""
     p = nn.Parameter(torch.randn(*shape))
     opt = po.build("shampoo", [{"params": [p]}], precondition_frequency=2, start_preconditioning_step=1)
     counts = []

@@ -109,7 +109,8 @@ def test_merge_dims_and_max_precond_dim_layout_and_state_bytes():
 
 
 @pytest.mark.parametrize("shape,hp", [((12, 20), {}), ((3, 4, 5), {}),
-                                      ((8, 4, 3, 3), {"merge_dims": True, "max_precond_dim": 50})])
+                                      ((8, 4, 3, 3), {"merge_dims": True, "max_precond_dim": 50}),
+                                      ((1, 1, 1, 1), {}), ((1, 1, 1), {}), ((2, 1, 3), {})])
 def test_step_flops_equal_flop_counter(shape, hp):
     p = nn.Parameter(torch.randn(*shape))
     opt = po.build("soap", [{"params": [p]}], precondition_frequency=2, **hp)

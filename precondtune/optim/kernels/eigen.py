@@ -133,8 +133,9 @@ def _rotate(x: Tensor, bases: Sequence[Tensor | None], *, transpose: bool) -> Te
     for q in bases:
         if q is None:
             x = x.permute(*range(1, x.dim()), 0)
-        else:
-            x = torch.tensordot(x, q, dims=([0], [0] if transpose else [1]))
+        else:  # tensordot(x, q, dims=([0], [0 or 1])) as one matmul: tensordot turns a one-element case into a mul
+            rest = x.shape[1:]
+            x = (x.reshape(x.shape[0], -1).mT @ (q if transpose else q.mT)).reshape(*rest, q.shape[1])
     return x
 
 
