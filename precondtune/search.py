@@ -168,7 +168,8 @@ class StorageRef:
     """"rdb", "journal" or "memory"."""
 
 
-def _is_memory(url: str) -> bool:
+def is_memory_url(url: str) -> bool:
+    """Whether ``url`` names an in-memory storage (it ends with the run)."""
     return url in ("memory", ":memory:", "sqlite://", "sqlite:///:memory:")
 
 
@@ -186,10 +187,12 @@ TRIAL_SETTINGS = ("steps", "batch_size", "seed", "warmup", "decay")
 
 
 def resume_options(settings: SearchSettings) -> str:
-    """The trial-settings options that select ``settings``' study again, where they are not the defaults."""
+    """The options that select ``settings``' study again: its optimizer, and its trial settings where they are
+    not the defaults (a study is made for one optimizer, so the hint names it even when it is the default)."""
     default = SearchSettings(optimizer=settings.optimizer)
-    return " ".join(f"--{key.replace('_', '-')} {getattr(settings, key)}" for key in TRIAL_SETTINGS
-                    if getattr(settings, key) != getattr(default, key))
+    return " ".join([f"--optimizer {settings.optimizer}"]
+                    + [f"--{key.replace('_', '-')} {getattr(settings, key)}" for key in TRIAL_SETTINGS
+                       if getattr(settings, key) != getattr(default, key)])
 
 
 def storage_url(url: str | None) -> str:
@@ -197,7 +200,7 @@ def storage_url(url: str | None) -> str:
     path stays relative to where the command runs, as the user wrote it); an SQLite URL without a file name fails."""
     if url is None or url == DEFAULT_STORAGE:
         return "sqlite:///" + str(Path(DEFAULT_STORAGE[len("sqlite:///"):]).resolve())
-    if url.startswith("sqlite:///") and not _is_memory(url) and url.endswith("/"):
+    if url.startswith("sqlite:///") and not is_memory_url(url) and url.endswith("/"):
         raise ConfigError(f"--storage {url}: no file name; use e.g. sqlite:///studies.db")
     return url
 
@@ -236,7 +239,7 @@ def open_storage(url: str | None, *, workers: int = 1) -> StorageRef:
 
 def _open(url: str | None, *, workers: int, create_file: bool) -> StorageRef | None:
     url = storage_url(url)
-    if _is_memory(url):
+    if is_memory_url(url):
         if workers > 1:
             raise ConfigError(f"--storage {url} is in memory and cannot be shared by --workers {workers}; use a "
                               "file (sqlite:///studies.db or journal:///path/studies.log) or postgresql://")
@@ -1074,7 +1077,7 @@ def _own_settings(settings: SearchSettings, name: str) -> tuple[SearchSettings, 
     """``settings`` with the trial settings study ``name`` was made with (unchanged when it has none), and the
     opened storage; a study file that does not exist raises :class:`ConfigError` (``--trials 0`` creates nothing)."""
     url = storage_url(settings.storage)
-    if url.startswith("sqlite:///") and not _is_memory(url) and not Path(url[len("sqlite:///"):]).exists():
+    if url.startswith("sqlite:///") and not is_memory_url(url) and not Path(url[len("sqlite:///"):]).exists():
         raise ConfigError(f"there is no study {name!r} in {url} to show: the file does not exist (--trials 0 adds "
                           "nothing); check --storage, or run with --trials N to start the study")
     ref = open_storage(settings.storage, workers=settings.workers)

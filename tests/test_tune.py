@@ -639,6 +639,7 @@ def test_warm_starts_left_in_the_queue_are_pointed_out(tmp_path):
                             "--enqueue", "lr=0.01", "--enqueue", "lr=0.02"])
     assert r.exit_code == 0, r.output
     assert "note: 2 queued trial(s)" in r.stderr
+    assert "did not run" in r.stderr and "raise --trials" in r.stderr and "rerun" not in r.stderr  # no next run
 
 
 def test_the_resume_hint_selects_the_study_again_and_trials_0_shows_it_with_its_own_settings(tmp_path):
@@ -647,8 +648,16 @@ def test_the_resume_hint_selects_the_study_again_and_trials_0_shows_it_with_its_
                                 "--storage", url])
     assert first.exit_code == 0, first.output
     hint = first.stderr.split("(resume: ", 1)[1].split(")", 1)[0]
-    assert hint == f"--study-name mlp-adamw --storage {url} --steps 4 --batch-size 4"
+    assert hint == f"--study-name mlp-adamw --storage {url} --optimizer adamw --steps 4 --batch-size 4"
     again = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "1", *hint.split()])
+    assert again.exit_code == 0, again.output
+    # another optimizer's study: the hint names it (without it the rerun tuned adamw and was refused)
+    soap = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "-o", "adam-mini", "--steps", "4", "--trials", "1",
+                               "--storage", url])
+    assert soap.exit_code == 0, soap.output
+    hint_soap = soap.stderr.split("(resume: ", 1)[1].split(")", 1)[0]
+    assert "--optimizer adam-mini" in hint_soap
+    again = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "1", *hint_soap.split()])
     assert again.exit_code == 0, again.output
     import shutil
 

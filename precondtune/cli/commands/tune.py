@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ...config import write_text_atomic
 from ...modelfile import load_model_file
-from ...search import TOP_FOR_SEEDS, SearchResult, SearchSettings, adamw_reference, run_search
+from ...search import TOP_FOR_SEEDS, SearchResult, SearchSettings, adamw_reference, is_memory_url, run_search
 from ..common import (
     AdamBetasOpt,
     AdamLrOpt,
@@ -112,8 +112,13 @@ def _render(r: SearchResult, top: int, timed_out: bool = False) -> None:
                      highlight=False, soft_wrap=True, markup=False)
     if c.get("waiting"):
         why = "--timeout ended the run first" if timed_out else "--trials was smaller than the queue"
-        stderr.print(f"note: {c['waiting']} queued trial(s) (warm starts) wait for the next run: {why}; rerun with "
-                     "the same --study-name to run them", highlight=False, markup=False, soft_wrap=True)
+        if is_memory_url(r.storage):
+            note = (f"{c['waiting']} queued trial(s) (warm starts) did not run: {why}; an in-memory study ends with "
+                    f"this run, so raise --trials (the defaults and the AdamW transfer run first) or use a file storage")
+        else:
+            note = (f"{c['waiting']} queued trial(s) (warm starts) wait for the next run: {why}; rerun with the same "
+                    "--study-name to run them")
+        stderr.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 def command(
@@ -160,8 +165,7 @@ def command(
 
         def on_study(name: str, url: str, options: str, note: str | None) -> None:
             again = " ".join(filter(None, [f"--study-name {name} --storage {url}", options]))
-            hint = "" if url in ("memory", ":memory:", "sqlite://") or url.endswith(":memory:") else \
-                f" (resume: {again})"
+            hint = "" if is_memory_url(url) else f" (resume: {again})"
             stderr.print(f"study {name} in {url}{hint}", highlight=False, soft_wrap=True, markup=False)
             if note:
                 stderr.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
