@@ -341,7 +341,8 @@ def parse_assignments(text: str, *, option: str) -> dict[str, Any]:
             continue
         key, eq, value = p.partition("=")
         if not eq or not key.strip():
-            raise ConfigError(f"{option} {text!r}: expected KEY=VALUE[,KEY=VALUE...]")
+            raise ConfigError(f"{option} {text!r}: expected KEY=VALUE[,KEY=VALUE...]; a list value goes in brackets, "
+                              "e.g. betas=[0.9,0.99]")
         out[key.strip()] = parse_value(value)
     return out
 

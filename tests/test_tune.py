@@ -722,3 +722,12 @@ def test_adding_trials_with_another_set_to_a_study_is_pointed_out(tmp_path):
     assert "note: study" not in first.stderr and "note: study" not in same.stderr
     assert ("note: study mlp-adamw was made with --set weight_decay=0 and this run adds trials with "
             "--set weight_decay=0.1") in other.stderr
+
+
+def test_a_list_value_without_brackets_says_how_to_write_one():
+    r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "-o", "muon", "--trials", "0", "--storage", "memory",
+                            "--set", "ns_coefficients=3.4,-4.7,2.0"])
+    assert r.exit_code == 2 and "a list value goes in brackets, e.g. betas=[0.9,0.99]" in r.stderr
+    r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "0", "--storage", "memory",
+                            "--set", "betas=0.9"])
+    assert r.exit_code == 2 and "betas=0.9 must be a list like [0.9, 0.999]" in r.stderr

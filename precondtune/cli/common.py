@@ -169,9 +169,10 @@ StudyNameOpt = Annotated[str | None, typer.Option("--study-name", help="Study to
                                                                        "(default MODEL-OPTIMIZER).")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Local processes running trials of one study.")]
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", min=0, help="Stop starting trials after SECONDS.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE: fix a knob (repeatable).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE: fix a knob (repeatable); a list "
+                                                                  "in brackets: betas=[0.9,0.99].")]
 EnqueueOpt = Annotated[list[str] | None, typer.Option("--enqueue", help="KEY=VALUE[,KEY=VALUE...]: a warm-start "
-                                                                        "trial (repeatable).")]
+                                                                        "trial (repeatable); lists in brackets.")]
 SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="Re-run the top configs on K seeds; pick by median.")]
 AdamLrOpt = Annotated[float | None, typer.Option("--adam-lr", min=0, help="Tuned AdamW lr to transfer from.")]
 AdamBetasOpt = Annotated[str | None, typer.Option("--adam-betas", help="Tuned AdamW betas, e.g. 0.9,0.95.")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import math
 import numbers
 import pkgutil
@@ -192,7 +193,7 @@ def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
             return "must be a number"
         return "must be finite" if key in _FINITE and not math.isfinite(value) else None
     if isinstance(default, tuple):
-        return None if isinstance(value, tuple) else "must be a list"
+        return None if isinstance(value, tuple) else f"must be a list like {json.dumps(list(default))}"
     if isinstance(default, str):
         return None if isinstance(value, str) else "must be a string"
     return None
