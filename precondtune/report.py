@@ -6,14 +6,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .units import human_bytes
+
 if TYPE_CHECKING:
     from .plan import Candidate, PlanResult
 
 GiB = float(1 << 30)
-
-
-def _gib(n: Any) -> str:
-    return "-" if n is None else f"{float(n) / GiB:.3f}"
 
 
 def _pct(x: Any) -> str:
@@ -192,9 +190,9 @@ def markdown(result: PlanResult, files: dict[str, Path]) -> str:
         lines += ["![loss curves](loss_curves.png)", ""]
 
     lines += ["## Memory", "", _table(
-        ["optimizer", "optimizer state (GiB)", "total peak (GiB)", "peak phase", "fits", "headroom (GiB)"],
-        [[c.name, _gib(c.memory["bytes"]["optimizer_state"]), _gib(c.memory["bytes"]["total_peak"]),
-          c.memory.get("peak_phase", "-"), "yes" if c.fits else "**no**", _gib(c.memory.get("headroom_bytes"))]
+        ["optimizer", "optimizer state", "total peak", "peak phase", "fits", "headroom"],
+        [[c.name, human_bytes(c.memory["bytes"]["optimizer_state"]), human_bytes(c.memory["bytes"]["total_peak"]),
+          c.memory.get("peak_phase", "-"), "yes" if c.fits else "**no**", human_bytes(c.memory.get("headroom_bytes"))]
          for c in result.candidates]), ""]
     if "memory_plot" in files:
         lines += ["![memory](memory.png)", ""]

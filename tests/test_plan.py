@@ -46,6 +46,10 @@ def test_end_to_end_writes_a_config_that_builds_and_trains(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     report = (out / "report.md").read_text()
     assert "## Recommendation" in report and "## Memory" in report and "precondtune plan" in report
+    from precondtune.units import human_bytes
+
+    state = next(o for o in doc["optimizers"] if o["name"] == "muon")["bytes"]["optimizer_state"]
+    assert f"| muon | {human_bytes(state)} |" in report  # readable units: a small model's GiB read 0.000
     rows = [o for o in doc["optimizers"] if o["status"] == "ranked"]
     assert {o["name"] for o in rows} == {"adamw", "muon"}
     assert all(len(o["seed_losses"]) == 2 for o in rows)
