@@ -98,3 +98,12 @@ def test_optimizers_command_lists_registry():
     assert r.exit_code == 0
     names = [o["name"] for o in json.loads(r.stdout)["optimizers"]]
     assert "adamw" in names
+
+
+def test_profile_names_are_never_cut_in_a_narrow_terminal():
+    """The name column holds what --gpu takes back; at 80 columns it read 'h100-pcie…'."""
+    r = runner.invoke(app, ["gpus", "--profiles"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    for name in ("h100-pcie-80gb", "h100-sxm-80gb", "a100-80gb"):
+        assert f"│ {name} " in r.stdout, name

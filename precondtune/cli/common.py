@@ -128,7 +128,10 @@ def emit_json(doc: dict[str, Any]) -> None:
 def table(title: str, columns: list[str], rows: list[list[Any]], *, caption: str | None = None) -> Table:
     t = Table(title=title, caption=caption, title_justify="left")
     for k, c in enumerate(columns):
-        t.add_column(c, justify="left" if k == 0 else "right")
+        if k == 0:  # names (optimizers, GPU profiles) are typed back as options: never cut, other columns wrap
+            t.add_column(c, justify="left", no_wrap=True, min_width=max((len(str(r[0])) for r in rows), default=0))
+        else:
+            t.add_column(c, justify="right")
     for r in rows:
         t.add_row(*(str(x) for x in r))
     return t
