@@ -93,20 +93,23 @@ class MemorySettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch size {self.batch_size!r} is out of range; allowed: an integer >= 1")
+            raise ConfigError(f"--batch-size {self.batch_size!r} is out of range; allowed: an integer >= 1")
         if not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ConfigError(f"world size {self.world_size!r} is out of range; allowed: an integer >= 1")
+            raise ConfigError(f"--world-size {self.world_size!r} is out of range; allowed: an integer >= 1")
         sharding = getattr(self.sharding, "value", self.sharding)
         if sharding not in SHARDINGS:
-            raise ConfigError(f"unknown sharding {self.sharding!r}; valid: {', '.join(SHARDINGS)}")
+            raise ConfigError(f"--sharding {self.sharding!r} is unknown; valid: {', '.join(SHARDINGS)}")
         object.__setattr__(self, "sharding", sharding)
         for name in ("param_dtype", "grad_dtype", "state_dtype"):
             if getattr(self, name) is not None:
-                parse_dtype(getattr(self, name))
+                try:
+                    parse_dtype(getattr(self, name))
+                except ConfigError as e:
+                    raise ConfigError(f"--{name.replace('_', '-')}: {e}") from e
         if self.autocast is not None and parse_dtype(self.autocast) not in (torch.bfloat16, torch.float16):
             raise ConfigError(f"--autocast {self.autocast!r}: use bf16 or fp16")
         if not (self.reserve_gb >= 0 and math.isfinite(self.reserve_gb)):
-            raise ConfigError(f"reserve {self.reserve_gb!r} GiB is out of range; allowed: a finite number >= 0")
+            raise ConfigError(f"--reserve-gb {self.reserve_gb!r} is out of range; allowed: a finite number of GiB >= 0")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -298,12 +299,26 @@ def _forward_backward(mt: PhaseMemTracker, model: nn.Module, batch: Any,
         out.backward()
 
 
+@contextlib.contextmanager
+def no_collection() -> Iterator[None]:
+    """Python's cycle collector off for the span of a trace: a collection that happened to run mid-trace freed
+    cycle-held tensors at a moment that depended on everything the process had done before, so the same estimate
+    came out 256 KiB apart between runs (Iso's hooks)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], torch.Tensor], *,
                            autocast: torch.dtype | None = None, grad_weight: float = 0.0) -> Trace:
     """Peak bytes of one forward and one backward of the fake model (weights, buffers and the batch included);
     ``grad_weight`` as in :class:`PhaseMemTracker`."""
     stub = DataStub()
-    with fm.mode, stub:
+    with no_collection(), fm.mode, stub:
         fb = fake_batch(batch, fm.mode)
         mt = PhaseMemTracker(grad_weight)
         mt.track_external(fm.model, *iter_tensors(fb))
@@ -316,7 +331,7 @@ def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module,
 def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer], *, extra: Any = None) -> Trace:
     """Peak bytes of two optimizer steps on fake gradients (state is created lazily in the first)."""
     stub = DataStub()
-    with fm.mode, stub:
+    with no_collection(), fm.mode, stub:
         for p in fm.model.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros(p.shape, dtype=p.dtype, device="cpu")
@@ -339,7 +354,7 @@ def trace_training(fm: FakeModel, batch: Any, loss: Callable[[nn.Module, Any], t
     refreshes). For optimizers that hook the model's forward/backward (e.g. Iso's covariance capture).
     ``grad_weight`` as in :class:`PhaseMemTracker` (the same as the forward/backward trace it is compared with)."""
     stub = DataStub()
-    with fm.mode, stub:
+    with no_collection(), fm.mode, stub:
         fb = fake_batch(batch, fm.mode)
         opt = build(fm.model)
         mt = PhaseMemTracker(grad_weight)

@@ -66,10 +66,11 @@ def test_the_master_copy_is_named_apart_from_the_weights_in_the_caption():
 
 @pytest.mark.parametrize("args, needle", [
     (["-o", "nope"], "unknown optimizer 'nope'"),
-    (["--param-dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--param-dtype", "fp8"], "--param-dtype: unknown dtype 'fp8'"),
     (["--gpu", "tpu9000"], "unknown GPU profile 'tpu9000'"),
-    (["--sharding", "zero9"], "unknown sharding 'zero9'"),
-    (["--world-size", "0"], "world size 0 is out of range"),
+    (["--sharding", "zero9"], "--sharding 'zero9' is unknown"),
+    (["--world-size", "0"], "--world-size 0 is out of range"),
+    (["--reserve-gb", "-1"], "--reserve-gb -1.0 is out of range"),
     (["--gpu", "a100"], "matches a100-40gb, a100-80gb"),  # 40 or 80 GB: not guessed
     (["--reserve-gb", "200"], "keeps back all of"),
 ])

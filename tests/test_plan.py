@@ -257,7 +257,7 @@ def test_the_tuned_config_is_what_memory_and_estimates_describe():
     (["--out", "/dev/null/report"], "is a file, not a directory"),
     (["--gpu", "rtx9999"], "unknown GPU profile"),
     (["--param-dtype", "int8"], "unknown dtype"),
-    (["--world-size", "0"], "world size 0"),
+    (["--world-size", "0"], "--world-size 0 is out of range"),
     (["--study-name", " "], "--study-name is empty"),
     (["--storage", "sqlite:////proc/precondtune.db"], "/proc"),  # cannot create a file there (or no /proc)
 ])

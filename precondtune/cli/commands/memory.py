@@ -38,7 +38,7 @@ def command(
     optimizer: OptimizerOpt = "all",
     batch_size: BatchOpt = 8,
     param_dtype: Annotated[str | None, typer.Option("--param-dtype",
-                                                    help="fp32, bf16, fp16 (default: the model's).")] = None,
+                                                    help="fp32, bf16, fp16 or fp64 (default: the model's).")] = None,
     grad_dtype: GradDtypeOpt = None,
     state_dtype: StateDtypeOpt = None,
     master_weights: MasterWeightsOpt = False,
