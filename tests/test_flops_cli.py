@@ -74,3 +74,13 @@ def test_bad_input_is_one_line_exit_2(args: list[str], needle: str) -> None:
 def test_measure_on_a_meta_model_is_refused() -> None:
     result = runner.invoke(app, ["flops", str(EXAMPLES / "llama7b_meta.py"), "-o", "adamw", "--measure"])
     assert result.exit_code == 2 and "meta device" in result.stderr
+
+
+def test_piped_stderr_gets_the_one_error_line_and_nothing_else():
+    """With stderr not a terminal the progress bar stays off: it used to print an empty line before the error."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "precondtune", "flops", str(EXAMPLES / "mlp.py"), "--device", "cuda:3",
+                        "--measure"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --device cuda:3") and r.stderr.count("\n") == 1, r.stderr

@@ -144,7 +144,7 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
         yield lambda desc, done, total: None
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=stderr, transient=True)
+                   console=stderr, transient=True, disable=not stderr.is_terminal)  # piped: no stray blank line
     tasks: dict[str, Any] = {}
     with bar:
         def update(desc: str, done: int, total: int) -> None:
