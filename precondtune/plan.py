@@ -48,6 +48,7 @@ from .search import (
     check_storage,
     fallback_routing,
     interrupted,
+    is_memory_url,
     open_storage,
     parse_assignments,
     run_search,
@@ -402,7 +403,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
                           time.perf_counter() - t0)
 
     storage = storage_url(settings.storage)
-    log("4/5 searches" + ("" if storage in ("memory", ":memory:") else
+    log("4/5 searches" + ("" if is_memory_url(storage) else
                           f" (studies in {storage}; optuna-dashboard opens it)"))
     ordered = sorted(fitting, key=lambda c: c.name != "adamw")  # AdamW first: its time is the budget
     for k, c in enumerate(ordered):

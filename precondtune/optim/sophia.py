@@ -286,8 +286,9 @@ def hessian_step(optimizer: torch.optim.Optimizer, model: nn.Module, batch: Any,
     """
     ran = False
     for part in sophia_parts(optimizer):
-        if part.hessian_due():
-            part.update_hessian(model, batch, loss_fn, logits_fn, generator=generator)
+        due = part.due_groups()
+        if due:
+            part.update_hessian(model, batch, loss_fn, logits_fn, generator=generator, groups=due)
             ran = True
     return ran
 
