@@ -23,7 +23,7 @@ References: ZeRO (Rajbhandari et al., arXiv 1910.02054); FSDP (Zhao et al., arXi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,14 @@ def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
 def _scalar_loss(loss: Callable[[nn.Module, Any], torch.Tensor], path: str) -> Callable[[nn.Module, Any], Any]:
     """``loss`` with what it returns checked as the training loop checks it: a scalar tensor."""
     return lambda model, batch: check_loss(loss(model, batch), path)
+
+
+def unused_note(names: Sequence[str]) -> str:
+    """The note for trainable parameters that got no gradient in the traced step."""
+    shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+    return (f"no gradient reached {shown} in the traced step: their gradients and optimizer state are counted "
+            "as if used, though an optimizer creates neither for a parameter that never gets a gradient "
+            "(freeze it with requires_grad_(False) if it is never used)")
 
 
 def _shard(x: int, n: int) -> int:
@@ -459,6 +467,8 @@ class MemoryPlanner:
                 notes.append("a boolean mask's selection (e.g. logits[labels != -100]) was counted at its largest, "
                              "every element selected: an upper bound, reached by a padding mask on a batch without "
                              "padding, far above any real batch for a routing mask (x[route == e])")
+            if fb[0].no_grad:
+                notes.append(unused_note(fb[0].no_grad))
             if fb[0].scalar_reads:
                 notes.append(f"the forward/backward read {fb[0].scalar_reads} tensor value(s) (.item(), int(t), "
                              "if t:), taken as 1 or True on fake tensors; a shape computed from one is traced at "

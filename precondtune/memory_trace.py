@@ -286,6 +286,8 @@ class Trace:
     """A boolean mask's selection was traced at its largest (:class:`DataStub`): the peaks are upper bounds."""
     scalar_reads: int = 0
     """Tensor values read (``.item()``, ``int(t)``, ``if t:``) and answered with 1 or True (:class:`DataStub`)."""
+    no_grad: tuple[str, ...] = ()
+    """Trainable parameters the backward left without a gradient (unused on this batch)."""
 
 
 def _forward_backward(mt: PhaseMemTracker, model: nn.Module, batch: Any,
@@ -325,7 +327,8 @@ def trace_forward_backward(fm: FakeModel, batch: Any, loss: Callable[[nn.Module,
         with mt:
             _forward_backward(mt, fm.model, fb, loss, autocast)
         after = mt.categories()
-    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded, stub.scalar_reads)
+        no_grad = tuple(n for n, p in fm.model.named_parameters() if p.requires_grad and p.grad is None)
+    return Trace(dict(mt.peaks), dict(mt.peak_snaps), after, stub.bounded, stub.scalar_reads, no_grad)
 
 
 def trace_step(fm: FakeModel, build: Callable[[nn.Module], torch.optim.Optimizer], *, extra: Any = None) -> Trace:
@@ -400,6 +403,7 @@ def extrapolate(run: Callable[[int | None], Trace], blocks: int | None, *, check
     out.after = _line(t1.after, t2.after, blocks)
     out.bounded = any(t.bounded for t in traces)
     out.scalar_reads = max(t.scalar_reads for t in traces)
+    out.no_grad = traces[0].no_grad  # names from the one-block model: examples, not a count
     return out, f"extrapolated from {', '.join(map(str, ks))} of {blocks} repeated blocks"
 
 

@@ -529,6 +529,31 @@ def test_a_model_with_frozen_parameters_is_traced_exactly(tmp_path, name):
     assert abs(e["bytes"]["total_peak"] - real) <= 0.02 * real, (e["bytes"]["total_peak"], real)
 
 
+def test_parameters_no_gradient_reaches_are_named_in_a_note():
+    """An unused layer gets no gradient, so a real optimizer builds no state for it; the plan still counts it
+    (a branch unused on one batch may be used on the next) and says which parameters those are."""
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.unused = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = WithUnused()
+    est = precondtune.estimate_memory(model, "adamw", sample_batch=lambda b: torch.randn(b, 16),
+                                      loss_fn=lambda m, x: m(x).square().mean(), batch_size=BATCH)
+    assert est["bytes"]["optimizer_state"] == 8 * sum(p.numel() for p in model.parameters())
+    assert [n for n in est["notes"] if "no gradient reached unused.weight, unused.bias in" in n]
+    opt = po.build("adamw", model)
+    model(torch.randn(BATCH, 16)).square().mean().backward()
+    opt.step()
+    assert measured_state_bytes(opt) == 8 * sum(p.numel() for p in model.fc.parameters())
+    for ex in RUNNABLE_EXAMPLES:
+        plain = precondtune.estimate_memory(load_example(ex).path, "adamw", batch_size=BATCH)
+        assert not any("no gradient reached" in n for n in plain["notes"]), ex
+
+
 def test_max_batch_size_of_a_hooked_optimizer_is_the_largest_that_fits():
     mf = load_example("chargpt")
     base = {"gpu": "l4", "reserve_gb": 24 - 40e6 / 2**30}  # ≈ 40 MB usable
