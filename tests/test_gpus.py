@@ -107,3 +107,16 @@ def test_profile_names_are_never_cut_in_a_narrow_terminal():
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
     for name in ("h100-pcie-80gb", "h100-sxm-80gb", "a100-80gb"):
         assert f"│ {name} " in r.stdout, name
+
+
+def test_with_no_terminal_attached_tables_are_not_fitted_to_80_columns(monkeypatch):
+    """In a job log (nohup, a batch scheduler, CI) rich fell back to 80 columns and cut values; COLUMNS still wins."""
+    from precondtune.cli import common
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(common, "_on_a_terminal", lambda: False)
+    r = runner.invoke(app, ["gpus", "--profiles"])
+    assert r.exit_code == 0, r.output
+    assert "NVIDIA A100 SXM4 40GB │  40.00 GiB │   1.55 TB/s │ 312.00 TFLOP/s │" in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= common.LOG_WIDTH
+    narrow = runner.invoke(app, ["gpus", "--profiles"], env={"COLUMNS": "80"})
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80

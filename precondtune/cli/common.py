@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -26,7 +26,33 @@ from ..errors import ConfigError, PrecondtuneError
 from ..stopping import Terminated
 from ..units import human_bytes, human_count  # noqa: F401 - re-exported for the commands
 
-stdout = Console()
+LOG_WIDTH = 200
+"""Columns for tables written where no terminal is attached (a job log, ``nohup``, CI): there is no width to
+fit, and rich's fallback of 80 cut values (``10.3…``). ``COLUMNS`` still wins, and a pipe from a terminal
+(``| tee``) keeps the terminal's width."""
+
+
+def _on_a_terminal() -> bool:
+    for fd in (0, 1, 2):
+        try:
+            os.get_terminal_size(fd)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+class _Stdout(Console):
+    def _size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and "COLUMNS" not in os.environ and not self.is_terminal and not _on_a_terminal():
+            return ConsoleDimensions(LOG_WIDTH, size.height)
+        return size
+
+    size = property(_size, Console.size.fset)  # type: ignore[assignment]
+
+
+stdout = _Stdout()
 stderr = Console(stderr=True)
 
 
