@@ -413,6 +413,13 @@ class MemoryPlanner:
                 gather_bwd = gather_fwd + 2 * unit_grads  # a unit's unsharded gradients and their reduce-scatter copy
                 notes.append("fsdp: all-gathered units counted (root parameters and two blocks: current and "
                              "prefetched; in backward also one block's gradients and its reduce-scatter input)")
+                unsharded = sorted({a.spec.name for a in assignments
+                                    if not getattr(a.spec.optimizer_cls, "runs_on_dtensor", False)})
+                if unsharded:
+                    one = len(unsharded) == 1
+                    notes.append(f"fsdp: precondtune's {', '.join(unsharded)} {'runs' if one else 'run'} on whole "
+                                 f"parameters and {'refuses' if one else 'refuse'} FSDP2's sharded ones; this plan "
+                                 "is for an implementation that shards its state")
 
         if upcast:  # each GPU casts the gradients of the parameters it updates: its shard under ZeRO/FSDP
             upcast = _shard(upcast, n_world) if s.sharding != "none" else upcast

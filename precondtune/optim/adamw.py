@@ -42,6 +42,8 @@ class Config:
 class AdamW(PrecondOptimizer):
     """AdamW over param groups; parameters without gradients are skipped."""
 
+    runs_on_dtensor = True  # tests/test_fsdp.py
+
     Config = Config
 
     def _step_group(self, group: dict[str, Any], c: Config) -> None:

@@ -14,6 +14,7 @@ import math
 import numbers
 import pkgutil
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -231,6 +232,9 @@ class PrecondOptimizer(torch.optim.Optimizer):
     """
 
     Config: type
+    runs_on_dtensor: bool = False
+    """Runs on FSDP2's (or tensor parallelism's) sharded DTensor parameters: set only where a test has run the
+    optimizer on them across processes and matched the unsharded run."""
 
     def __init__(self, params: Iterable[Any], **hyperparameters: Any) -> None:
         global _eager_validate
@@ -240,6 +244,21 @@ class PrecondOptimizer(torch.optim.Optimizer):
         super().__init__(params, config_dict(config))
         for group in self.param_groups:
             self.group_config(group)  # validate per-group overrides now, not at the first step
+        if not self.runs_on_dtensor:
+            self._refuse_dtensors()
+
+    def _refuse_dtensors(self) -> None:
+        """A ConfigError at construction for a sharded DTensor parameter, instead of a mixed Tensor/DTensor
+        error from inside the first step."""
+        if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist
+            return
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            able = [n for n in available() if getattr(get_spec(n).optimizer_cls, "runs_on_dtensor", False)]
+            raise ConfigError(
+                f"{type(self).__name__} runs on whole (unsharded) parameters, and this model's are DTensors "
+                f"(FSDP2's fully_shard or tensor parallelism); train it with DDP, or use one that runs sharded: "
+                f"{', '.join(able)}")
 
     def _refuse_shapes(self, name: str, accepts: Callable[[torch.Tensor], bool], what: str) -> None:
         """At construction, not at the first step: a ConfigError for a parameter this optimizer cannot update
