@@ -42,7 +42,7 @@ class Config:
 class AdamW(PrecondOptimizer):
     """AdamW over param groups; parameters without gradients are skipped."""
 
-    runs_on_dtensor = True  # tests/test_fsdp.py
+    runs_on_dtensor = True  # tests/test_distributed.py
 
     Config = Config
 

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from ..dtypes import itemsize
 from ..errors import ConfigError
 from . import _space
+from ._replicas import average_over, replica_group
 from .kernels import adam, add_scaled_, lerp_
 from .registry import OptimizerSpec, PrecondOptimizer, StepFlops, Transfer, check_range
 
@@ -179,6 +180,7 @@ class _IsoBase(PrecondOptimizer):
             raise ConfigError(f"{name} preconditions nn.Linear weights with statistics captured by module hooks, "
                               f"so it needs the model: precondtune.optim.build('{registered}', model) rather than "
                               "bare parameters or param groups")
+        self._replicas = replica_group(model, name)
         linears: dict[int, list[nn.Module]] = {}
         for module in model.modules():
             if isinstance(module, nn.Linear):
@@ -251,6 +253,8 @@ class _IsoBase(PrecondOptimizer):
                 f"'{self._names[p]}', 'optimizer': 'adamw'}}]")
         state["step"] += 1
         if (state["step"] - 1) % c.precondition_frequency == 0:
+            if self._replicas is not None:  # DDP: the EMA of the replicas' mean statistics (the EMA is linear)
+                average_over(self._replicas, state["cov_in"], state["cov_out"])
             bc = 1 - c.cov_beta ** state["cov_updates"]
             state["root_in"].copy_(inverse_root(state["cov_in"], bc, c.damping))
             state["root_out"].copy_(inverse_root(state["cov_out"], bc, c.damping))

@@ -111,7 +111,7 @@ def muon_update(grad: torch.Tensor, buf: torch.Tensor, c: Config, role: str | No
 class Muon(PrecondOptimizer):
     """Muon over param groups (roles ``matrix``, ``conv``, ``batched``); parameters without gradients skipped."""
 
-    runs_on_dtensor = True  # tests/test_fsdp.py
+    runs_on_dtensor = True  # tests/test_distributed.py
 
     Config = Config
 

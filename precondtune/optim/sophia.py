@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from ..dtypes import itemsize
 from ..errors import ConfigError
 from . import _space
+from ._replicas import replica_group
 from .kernels import adam
 from .registry import ALL_ROLES, OptimizerSpec, PrecondOptimizer, Routed, StepFlops, Transfer, check_range
 
@@ -266,7 +267,33 @@ class Sophia(PrecondOptimizer):
             ests = gnb_estimate(params, model, batch, logits_fn, generator=generator)
         else:
             ests = hutchinson_estimate(params, model, batch, loss_fn, generator=generator)
+        ests = mean_over_replicas(model, params, ests)
         self.accumulate_hessian({p: e for p, e in zip(params, ests) if e is not None})
+
+
+def mean_over_replicas(model: nn.Module, params: Sequence[Tensor],
+                       estimates: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Under DistributedDataParallel (``model`` is the DDP-wrapped module) each parameter's estimate averaged
+    over the replicas, as DDP averages gradients: each rank estimates on its own batch, and without the average
+    the replicas' Hessian EMAs, and then their weights, drift apart. A parameter without an estimate on some
+    rank keeps its h on every rank. Outside DDP the estimates are returned as they are."""
+    group = replica_group(model, "Sophia's Hessian estimate")
+    if group is None or not params:
+        return list(estimates)
+    world = torch.distributed.get_world_size(group)
+    device = params[0].device
+    counts = torch.tensor([float(e is not None) for e in estimates], device=device)
+    flat = torch.cat([(e.float() if e is not None else torch.zeros_like(p, dtype=torch.float32)).reshape(-1)
+                      for p, e in zip(params, estimates)])
+    torch.distributed.all_reduce(counts, group=group)
+    torch.distributed.all_reduce(flat, group=group)
+    out: list[Tensor | None] = []
+    offset = 0
+    for p, e, c in zip(params, estimates, counts.tolist()):
+        chunk = flat[offset:offset + p.numel()]
+        offset += p.numel()
+        out.append(chunk.div_(world).view_as(p).to(e.dtype) if e is not None and c == world else None)
+    return out
 
 
 def sophia_parts(optimizer: torch.optim.Optimizer) -> list[Sophia]:

@@ -1,7 +1,10 @@
-"""The bundled optimizers on FSDP2's sharded parameters (``fully_shard``: every parameter a DTensor), two CPU
-processes over gloo: those marked ``runs_on_dtensor`` match the unsharded run; the others refuse at
-construction with one clear error instead of failing inside the first step. Sophia's step alone matches, but its
-Hessian estimate on sharded parameters came out 5e-4 off the unsharded run in 4 steps, so it refuses too."""
+"""The bundled optimizers across processes (two CPU processes over gloo).
+
+FSDP2's sharded parameters (``fully_shard``: every parameter a DTensor): those marked ``runs_on_dtensor`` match
+the unsharded run; the others refuse at construction with one clear error instead of failing inside the first
+step. Sophia's step alone matches, but its Hessian estimate on sharded parameters came out 5e-4 off the
+unsharded run in 4 steps, so it refuses too. DDP: statistics gathered from each rank's own batch are averaged
+over the replicas."""
 from __future__ import annotations
 
 import subprocess
@@ -91,3 +94,64 @@ def test_an_fsdp_memory_plan_says_which_bundled_optimizers_refuse_sharded_parame
         notes = precondtune.estimate_memory(path, name, batch_size=4, sharding="fsdp", world_size=4)["notes"]
         said = [n for n in notes if "refuses FSDP2's sharded ones" in n]
         assert bool(said) == refuses, (name, notes)
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import os, socket, sys, warnings
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import precondtune.optim as po
+    from precondtune.optim.sophia import hessian_step
+
+    def run(rank, port, cases):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])
+        for case in cases:
+            name, given = case.split(":")
+            torch.manual_seed(0)
+            model = DDP(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)))
+            target = model if given == "wrapped" else model.module
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt = po.build(name, target if name.startswith("iso") else model.module,
+                               **({"precondition_frequency": 2} if name.startswith("iso") else {}))
+                torch.manual_seed(10 + rank)  # each rank its own batches
+                for _ in range(5):
+                    b = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(model, b).backward()
+                    hessian_step(opt, target, b, loss_fn, lambda m, bb: m(bb[0]),
+                                 generator=torch.Generator().manual_seed(0))
+                    opt.step()
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            first = flat.clone()
+            dist.broadcast(first, 0)
+            warned = any("not DistributedDataParallel-wrapped" in str(w.message) for w in caught)
+            if rank == 1:
+                print(f"{case} {(flat - first).abs().max().item():.3e} {warned}", flush=True)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(run, args=(port, sys.argv[1:]), nprocs=2)
+''')
+
+
+def test_statistics_from_each_ranks_batch_are_averaged_over_ddp_replicas(tmp_path):
+    """Sophia's Hessian estimate and Iso's covariances come from each rank's own batch: given the DDP-wrapped
+    model they are averaged over the replicas and the replicas stay identical; given ``model.module`` the
+    replicas drift apart (as they did before for every DDP run), and a warning says what to pass."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cases = ["sophia:wrapped", "iso:wrapped", "iso-adam:wrapped", "adamw:wrapped", "sophia:module", "iso:module"]
+    r = subprocess.run([sys.executable, str(script), *cases], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {case: (float(diff), warned == "True") for case, diff, warned in map(str.split, r.stdout.splitlines())}
+    for case in cases[:4]:
+        assert got[case] == (0.0, False), (case, got[case])
+    for case in cases[4:]:
+        diff, warned = got[case]
+        assert diff > 1e-6 and warned, (case, got[case])
