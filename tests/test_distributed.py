@@ -57,7 +57,9 @@ SCRIPT = textwrap.dedent('''
             train(ref, po.build(name, ref, **HP.get(name, {})), x, y)
             diff = max((a.full_tensor() - b).abs().max().item() for a, b in zip(sharded.parameters(), ref.parameters()))
             print(f"{name} diff {diff:.3e}", flush=True) if rank == 0 else None
-        dist.destroy_process_group()
+        dist.barrier()  # then leave without gloo's teardown, which aborts now and then (SIGABRT)
+        sys.stdout.flush()
+        os._exit(0)
 
     if __name__ == "__main__":
         with socket.socket() as s:
@@ -130,7 +132,9 @@ DDP_SCRIPT = textwrap.dedent('''
             warned = any("not DistributedDataParallel-wrapped" in str(w.message) for w in caught)
             if rank == 1:
                 print(f"{case} {(flat - first).abs().max().item():.3e} {warned}", flush=True)
-        dist.destroy_process_group()
+        dist.barrier()  # then leave without gloo's teardown, which aborts now and then (SIGABRT)
+        sys.stdout.flush()
+        os._exit(0)
 
     if __name__ == "__main__":
         with socket.socket() as s:
