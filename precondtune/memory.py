@@ -90,6 +90,9 @@ class MemorySettings:
     """GiB of GPU memory not available to tensors (see :data:`DEFAULT_RESERVE_GB`)."""
     max_batch_size: bool = False
     """Also find the largest batch size that fits (bisection on traced steps)."""
+    bucket_view: bool = False
+    """Unsharded with world size > 1 (DDP): the run passes ``gradient_as_bucket_view=True``, so the gradients are
+    views into DDP's all-reduce buckets instead of a second copy of them."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -393,6 +396,14 @@ class MemoryPlanner:
         m_gpu = _shard(master, n_world) if s.sharding != "none" else master
         g_gpu = _shard(grads, n_world) if s.sharding in ("zero2", "fsdp") else grads
         st_gpu = _shard(state, n_world) if s.sharding != "none" else state
+        # DistributedDataParallel allocates all-reduce buckets as large as all the gradients when it is built;
+        # unless the gradients are views into them (gradient_as_bucket_view=True) they are a second copy, alive
+        # in every phase
+        buckets = grads if s.sharding == "none" and n_world > 1 and not s.bucket_view else 0
+        if buckets:
+            notes.append(f"world size {n_world} unsharded (DDP): its all-reduce buckets hold a second copy of the "
+                         f"gradients (+{buckets} B in every phase); DistributedDataParallel("
+                         "gradient_as_bucket_view=True) makes the gradients views into them (--bucket-view)")
         gather_fwd = gather_bwd = 0
         if s.sharding != "none" and n_world > 1:
             # a matrix optimizer's update needs the whole matrix: the largest matrix any of them owns is gathered
@@ -444,8 +455,9 @@ class MemoryPlanner:
                 gather = gather_fwd if phase == "forward" else gather_bwd
                 if hooked and traced is not None:  # what the optimizer's hooks keep alive in this phase
                     gather += max(0, step_trace.peaks[phase] - traced_state_dtype_state - trace.peaks[phase])
-                phases[phase] = (w_gpu + buffers + snap.get("Other", 0) + m_gpu + st_gpu + act + g_now + gather)
-        step_total = w_gpu + buffers + batch_bytes + m_gpu + g_gpu + st_gpu + temporaries
+                phases[phase] = (w_gpu + buffers + snap.get("Other", 0) + m_gpu + st_gpu + act + g_now + gather
+                                 + buckets)
+        step_total = w_gpu + buffers + batch_bytes + m_gpu + g_gpu + st_gpu + temporaries + buckets
         phases["step"] = step_total
         peak_phase = max(phases, key=lambda k: phases[k])
         total = phases[peak_phase]
@@ -456,7 +468,7 @@ class MemoryPlanner:
             "bytes": {
                 "weights": w_gpu + buffers, "gradients": g_gpu, "optimizer_state": st_gpu,
                 "activations": activations, "step_temporaries": temporaries, "total_peak": total,
-                "master_weights": m_gpu,
+                "master_weights": m_gpu, "ddp_buckets": buckets,
             },
             "fits": total <= capacity,
             "headroom_bytes": capacity - total,

@@ -159,3 +159,52 @@ def test_statistics_from_each_ranks_batch_are_averaged_over_ddp_replicas(tmp_pat
     for case in cases[4:]:
         diff, warned = got[case]
         assert diff > 1e-6 and warned, (case, got[case])
+
+
+BUCKETS_SCRIPT = textwrap.dedent('''
+    import os, socket, sys
+    import torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from precondtune.modelfile import load_model_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mf = load_model_file(sys.argv[1])
+    for view in (False, True):
+        model = DDP(mf.build(), gradient_as_bucket_view=view)
+        mf.loss(model, mf.sample_batch(4)).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        views = sum(g._base is not None for g in grads)
+        sizes = model._get_ddp_logging_data()["bucket_sizes"]  # bytes per bucket: "n1, n2, ..." or one int
+        print(view, sum(int(x) for x in str(sizes).split(",")), views, len(grads), flush=True)
+    sys.stdout.flush()
+    os._exit(0)
+''')
+
+
+def test_ddp_buckets_are_a_second_copy_of_the_gradients_unless_they_are_views(tmp_path):
+    """What `memory --world-size N` (no sharding) adds for DistributedDataParallel, against DDP itself: its
+    buckets hold as many bytes as the gradients, and only with gradient_as_bucket_view are the gradients views
+    into them."""
+    from conftest import load_example
+
+    import precondtune
+    path = str(load_example("chargpt").path)
+    script = tmp_path / "buckets.py"
+    script.write_text(BUCKETS_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (_, copy_bytes, copy_views, n), (_, view_bytes, view_views, _) = (line.split() for line in r.stdout.splitlines())
+    assert copy_views == "0" and view_views == n  # a second copy, then views
+
+    one = precondtune.estimate_memory(path, "adamw", batch_size=4)["bytes"]
+    ddp = precondtune.estimate_memory(path, "adamw", batch_size=4, world_size=4)["bytes"]
+    view = precondtune.estimate_memory(path, "adamw", batch_size=4, world_size=4, bucket_view=True)["bytes"]
+    zero1 = precondtune.estimate_memory(path, "adamw", batch_size=4, world_size=4, sharding="zero1")["bytes"]
+    assert ddp["ddp_buckets"] == int(copy_bytes) == int(view_bytes) == one["gradients"]
+    assert ddp["total_peak"] == one["total_peak"] + ddp["ddp_buckets"]
+    assert view["ddp_buckets"] == zero1["ddp_buckets"] == one["ddp_buckets"] == 0
+    assert view["total_peak"] == one["total_peak"]

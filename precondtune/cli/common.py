@@ -217,6 +217,9 @@ GradDtypeOpt = Annotated[str | None, typer.Option("--grad-dtype", help="Gradient
 MasterWeightsOpt = Annotated[bool, typer.Option("--master-weights",
                                                 help="fp32 master copy of 16-bit params (the optimizer updates it).")]
 AutocastOpt = Annotated[str | None, typer.Option("--autocast", help="Forward under torch.autocast: bf16 or fp16.")]
+BucketViewOpt = Annotated[bool, typer.Option(
+    "--bucket-view", help="DDP (--world-size > 1, no sharding) with gradient_as_bucket_view=True: no second copy of "
+                          "the gradients in its all-reduce buckets.")]
 CheckpointBlocksOpt = Annotated[bool, typer.Option("--checkpoint-blocks",
                                                    help="Activation-checkpoint the model's repeated blocks.")]
 ReserveGbOpt = Annotated[float, typer.Option("--reserve-gb", help="GiB kept back for the CUDA context, workspaces "

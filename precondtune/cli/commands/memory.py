@@ -9,6 +9,7 @@ from ...modelfile import load_model_file
 from ..common import (
     AutocastOpt,
     BatchOpt,
+    BucketViewOpt,
     CheckpointBlocksOpt,
     DebugOpt,
     GpuOpt,
@@ -46,6 +47,7 @@ def command(
     checkpoint_blocks: CheckpointBlocksOpt = False,
     world_size: Annotated[int, typer.Option("--world-size", help="GPUs sharing the job.")] = 1,
     sharding: Annotated[str, typer.Option("--sharding", help="none, zero1, zero2 or fsdp.")] = "none",
+    bucket_view: BucketViewOpt = False,
     gpu: GpuOpt = None,
     reserve_gb: ReserveGbOpt = DEFAULT_RESERVE_GB,
     max_batch_size: MaxBatchOpt = False,
@@ -56,7 +58,8 @@ def command(
         settings = MemorySettings(
             batch_size=batch_size, param_dtype=param_dtype, grad_dtype=grad_dtype, state_dtype=state_dtype,
             master_weights=master_weights, autocast=autocast, checkpoint_blocks=checkpoint_blocks,
-            world_size=world_size, sharding=sharding, gpu=gpu, reserve_gb=reserve_gb, max_batch_size=max_batch_size)
+            world_size=world_size, sharding=sharding, gpu=gpu, reserve_gb=reserve_gb, max_batch_size=max_batch_size,
+            bucket_view=bucket_view)
         with progress(stderr.is_terminal) as update:
             doc = plan_memory(load_model_file(model), optimizer, settings, progress=update)
         if json_:
