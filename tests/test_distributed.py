@@ -2,9 +2,9 @@
 
 FSDP2's sharded parameters (``fully_shard``: every parameter a DTensor): those marked ``runs_on_dtensor`` match
 the unsharded run; the others refuse at construction with one clear error instead of failing inside the first
-step. Sophia's step alone matches, but its Hessian estimate on sharded parameters came out 5e-4 off the
-unsharded run in 4 steps, so it refuses too. DDP: statistics gathered from each rank's own batch are averaged
-over the replicas."""
+step. Sophia's step alone matches, but its Hessian estimate cannot reach sharded parameters (the forward runs on
+FSDP2's unsharded copies: every estimate came back None, and h silently stayed 0), so it refuses too. DDP:
+statistics gathered from each rank's own batch are averaged over the replicas."""
 from __future__ import annotations
 
 import subprocess

@@ -166,6 +166,19 @@ def test_gnb_without_logits_fn_names_the_fix():
         opt.update_hessian(model, x)
 
 
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_an_estimate_that_reaches_no_parameter_is_an_error_not_a_silent_no_op(estimator):
+    """A logits_fn/loss_fn running a copy of the model (or FSDP2's unsharded copies) reaches none of the
+    optimizer's parameters: every estimate came back None and h silently stayed 0."""
+    model, x = _softmax_regression()
+    copy = _softmax_regression()[0]
+    opt = po.build("sophia", model, estimator=estimator)
+    with pytest.raises(ConfigError, match="reached none of its parameters"):
+        opt.update_hessian(model, x, loss_fn=lambda m, b: copy(b).logsumexp(-1).mean(),
+                           logits_fn=lambda m, b: copy(b))
+    opt.update_hessian(model, x, loss_fn=lambda m, b: m(b).logsumexp(-1).mean(), logits_fn=lambda m, b: m(b))
+    assert any(bool(opt.state[p]["hessian"].abs().sum() > 0) for p in model.parameters())
+
 def test_training_loop_hook_refreshes_every_k_steps_and_leaves_grads(example):
     mf = example("chargpt")
     torch.manual_seed(0)

@@ -149,6 +149,8 @@ def hutchinson_estimate(params: list[Tensor], model: nn.Module, batch: Any,
     with torch.enable_grad():
         loss = loss_fn(model, batch)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        if all(g is None for g in grads):  # the loss does not reach these parameters (the caller says so)
+            return [None] * len(params)
         live = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
         us = {k: torch.randn(params[k].shape, generator=generator, device=params[k].device,
                              dtype=params[k].dtype) for k in live}
@@ -267,6 +269,10 @@ class Sophia(PrecondOptimizer):
             ests = gnb_estimate(params, model, batch, logits_fn, generator=generator)
         else:
             ests = hutchinson_estimate(params, model, batch, loss_fn, generator=generator)
+        if all(e is None for e in ests):  # else the estimate would silently never run: h stays 0
+            raise ConfigError("Sophia's Hessian estimate reached none of its parameters: the logits_fn/loss_fn "
+                              "given to hessian_step must run the very model the optimizer updates, with grad "
+                              "enabled (not a copy, not under torch.no_grad)")
         ests = mean_over_replicas(model, params, ests)
         self.accumulate_hessian({p: e for p, e in zip(params, ests) if e is not None})
 
