@@ -381,9 +381,18 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         if c.name != "adamw" and not any(a.spec.name == c.name for a in po.route(c.name, infos)):
             c.status = "not applicable"
             c.note = "the model has no parameter of a role it updates; everything would go to AdamW"
-    fitting = [c for c in candidates if c.fits and c.status != "not applicable"]
+        elif settings.sharding == "fsdp":  # the recommended config must build in the user's FSDP2 script
+            whole = sorted({a.spec.name for a in po.route(c.name, infos)
+                            if not getattr(a.spec.optimizer_cls, "runs_on_dtensor", False)})
+            if whole:
+                c.status = "not runnable sharded"
+                one = len(whole) == 1
+                c.note = (f"precondtune's {', '.join(whole)} {'runs' if one else 'run'} on whole parameters and "
+                          f"{'refuses' if one else 'refuse'} FSDP2's sharded ones; plan --sharding none (DDP) to "
+                          "compare it")
+    fitting = [c for c in candidates if c.fits and c.status not in ("not applicable", "not runnable sharded")]
     for c in candidates:
-        if not c.fits and c.status != "not applicable":
+        if not c.fits and c.status not in ("not applicable", "not runnable sharded"):
             c.status = "does not fit"
             c.note = f"over the budget by {human_bytes(-int(c.memory.get('headroom_bytes', 0)))}"
     meta = prof.meta

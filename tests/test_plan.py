@@ -195,6 +195,17 @@ def test_an_optimizer_this_model_cannot_take_is_noted_and_the_plan_goes_on(tmp_p
     assert doc["winner"] == "adamw"
 
 
+def test_under_fsdp_only_optimizers_that_run_sharded_are_searched(tmp_path):
+    """A plan for an FSDP run must recommend a config that builds on FSDP2's sharded parameters."""
+    r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw,muon,soap", *TINY, "--storage", "memory",
+                            "--sharding", "fsdp", "--world-size", "2", "--out", str(tmp_path / "r"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {o["name"]: o for o in json.loads(r.stdout)["optimizers"]}
+    assert rows["soap"]["status"] == "not runnable sharded" and rows["soap"]["median_eval_loss"] is None
+    assert "refuses FSDP2's sharded ones" in rows["soap"]["note"]
+    assert rows["muon"]["status"] == rows["adamw"]["status"] == "ranked"
+
+
 def _cand(name, losses):
     c = Candidate(name, {"fits": True})
     c.rank_losses = losses
