@@ -88,6 +88,8 @@ class PlanSettings:
     reserve_gb: float | None = None
     world_size: int = 1
     sharding: str = "none"
+    bucket_view: bool = False
+    """DDP with ``gradient_as_bucket_view=True`` (``MemorySettings.bucket_view``)."""
     param_dtype: str | None = None
     state_dtype: str | None = None
     adamw: AdamWReference | None = None
@@ -350,6 +352,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         check_enqueue(check.knobs, fixed[name], enqueue[name])
     mem_kwargs: dict[str, Any] = {"batch_size": settings.batch_size, "gpu": settings.gpu,
                                   "world_size": settings.world_size, "sharding": settings.sharding,
+                                  "bucket_view": settings.bucket_view,
                                   "param_dtype": settings.param_dtype, "state_dtype": settings.state_dtype}
     if settings.reserve_gb is not None:
         mem_kwargs["reserve_gb"] = settings.reserve_gb

@@ -206,6 +206,18 @@ def test_under_fsdp_only_optimizers_that_run_sharded_are_searched(tmp_path):
     assert rows["muon"]["status"] == rows["adamw"]["status"] == "ranked"
 
 
+def test_a_ddp_plan_counts_the_gradient_buckets_unless_they_are_views(tmp_path):
+    quick = ["-o", "adamw", "--trials", "1", "--steps", "2", "--seeds", "1", "--batch-size", "4", "--device", "cpu",
+             "--storage", "memory", "--world-size", "2", "--json"]
+    got = {}
+    for flag in ([], ["--bucket-view"]):
+        r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), *quick, *flag, "--out", str(tmp_path / str(flag))])
+        assert r.exit_code == 0, r.output
+        got[bool(flag)] = json.loads(r.stdout)["optimizers"][0]["bytes"]
+    assert got[False]["ddp_buckets"] == got[False]["gradients"] > 0 and got[True]["ddp_buckets"] == 0
+    assert got[False]["total_peak"] - got[True]["total_peak"] == got[False]["gradients"]
+
+
 def _cand(name, losses):
     c = Candidate(name, {"fits": True})
     c.rank_losses = losses

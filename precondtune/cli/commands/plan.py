@@ -27,6 +27,7 @@ from ..common import (
     AdamBetasOpt,
     AdamLrOpt,
     AdamWdOpt,
+    BucketViewOpt,
     DebugOpt,
     DeviceOpt,
     GpuOpt,
@@ -61,6 +62,7 @@ def command(
     gpu: GpuOpt = None,
     world_size: WorldSizeOpt = 1,
     sharding: ShardingOpt = Sharding.none,
+    bucket_view: BucketViewOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size passed to sample_batch.")] =
     DEFAULT_BATCH_SIZE,
     param_dtype: Annotated[str | None, typer.Option("--param-dtype", help="fp32, bf16, fp16.")] = None,
@@ -100,8 +102,8 @@ def command(
         settings = PlanSettings(optimizers=optimizer, batch_size=batch_size, trials=trials, steps=steps, seeds=seeds,
                                 rank_by=rank_by, storage=storage, study_prefix=study_name, workers=workers,
                                 timeout=timeout, device=device, gpu=gpu, reserve_gb=reserve_gb, world_size=world_size,
-                                sharding=sharding.value, param_dtype=param_dtype, state_dtype=state_dtype,
-                                adamw=adamw, seed=seed, fixed=tuple(set_ or ()),
+                                sharding=sharding.value, bucket_view=bucket_view, param_dtype=param_dtype,
+                                state_dtype=state_dtype, adamw=adamw, seed=seed, fixed=tuple(set_ or ()),
                                 enqueue=tuple(enqueue or ()))
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial failed by Ctrl-C: no traceback
         mf = load_model_file(model)
