@@ -2,9 +2,8 @@
 
 FSDP2's sharded parameters (``fully_shard``: every parameter a DTensor): those marked ``runs_on_dtensor`` match
 the unsharded run; the others refuse at construction with one clear error instead of failing inside the first
-step. Sophia's step alone matches, but its Hessian estimate cannot reach sharded parameters (the forward runs on
-FSDP2's unsharded copies: every estimate came back None, and h silently stayed 0), so it refuses too. DDP:
-statistics gathered from each rank's own batch are averaged over the replicas."""
+step. Sophia's Hessian estimate goes through FSDP2's own backward (``autograd.grad`` reaches no shard: the forward
+runs on unsharded copies). DDP: statistics gathered from each rank's own batch are averaged over the replicas."""
 from __future__ import annotations
 
 import subprocess
@@ -23,7 +22,6 @@ SCRIPT = textwrap.dedent('''
     from torch.distributed.fsdp import fully_shard
     import precondtune.optim as po
     from precondtune.errors import ConfigError
-    from precondtune.optim.sophia import hessian_step
 
     HP = {"muon": {"ns_dtype": "fp32"}}  # bf16 Newton-Schulz would differ by rounding between the two layouts
 
@@ -36,8 +34,7 @@ SCRIPT = textwrap.dedent('''
         for _ in range(4):
             opt.zero_grad(set_to_none=True)
             loss_fn(model, (x, y)).backward()
-            hessian_step(opt, model, (x, y), loss_fn, lambda m, b: m(b[0]), generator=torch.Generator().manual_seed(0))
-            opt.step()
+            opt.step()  # Sophia's estimate is checked on its own: sharded, its batch is both ranks' together
 
     def run(rank, port, names):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -72,19 +69,19 @@ SCRIPT = textwrap.dedent('''
 def test_optimizers_on_fsdp2_sharded_parameters(tmp_path):
     import precondtune.optim as po
     able = [n for n in po.available() if getattr(po.get_spec(n).optimizer_cls, "runs_on_dtensor", False)]
-    assert able == ["adamw", "muon"]
+    assert able == ["adamw", "muon", "sophia"]
     script = tmp_path / "fsdp2.py"
     script.write_text(SCRIPT)
-    r = subprocess.run([sys.executable, str(script), *able, "soap", "adam-mini", "sophia"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(script), *able, "soap", "adam-mini"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     for name in able:
         assert lines[name].startswith("diff "), lines[name]
         assert float(lines[name].split()[1]) < 1e-6, (name, lines[name])
-    for name in ("soap", "adam-mini", "sophia"):
+    for name in ("soap", "adam-mini"):
         assert lines[name].startswith("refused: ") and "are DTensors (FSDP2's fully_shard" in lines[name]
-        assert lines[name].endswith("adamw, muon"), lines[name]
+        assert lines[name].endswith("adamw, muon, sophia"), lines[name]
 
 
 def test_an_fsdp_memory_plan_says_which_bundled_optimizers_refuse_sharded_parameters():
@@ -96,6 +93,79 @@ def test_an_fsdp_memory_plan_says_which_bundled_optimizers_refuse_sharded_parame
         notes = precondtune.estimate_memory(path, name, batch_size=4, sharding="fsdp", world_size=4)["notes"]
         said = [n for n in notes if "refuses FSDP2's sharded ones" in n]
         assert bool(said) == refuses, (name, notes)
+
+
+SOPHIA_FSDP_SCRIPT = textwrap.dedent('''
+    import os, socket, sys
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import precondtune.optim as po
+    from precondtune.errors import ConfigError
+    from precondtune.optim.sophia import hessian_step, sophia_parts
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def run(rank, port):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        mesh = init_device_mesh("cpu", (2,))
+        sharded, ref = make(), make()
+        fully_shard(sharded, mesh=mesh)
+        opt = po.build("sophia", sharded)
+        torch.manual_seed(10 + rank)  # each rank its own batch
+        x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+        F.cross_entropy(sharded(x), y).backward()
+        step_grads = [p.grad.full_tensor().clone() for p in sharded.parameters()]
+        hessian_step(opt, sharded, x, None, lambda m, b: m(b), generator=torch.Generator().manual_seed(3))
+        kept = all(torch.equal(a, p.grad.full_tensor()) for a, p in zip(step_grads, sharded.parameters()))
+        # expected: the labels drawn the same way from the unsharded replica's logits, the gradient averaged over
+        # the ranks (the batch over all ranks), times that batch's 32 rows, folded into h = (1 - beta2) * estimate
+        logits = ref(x)
+        labels = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(3)).squeeze(-1)
+        grads = torch.autograd.grad(F.cross_entropy(logits, labels), list(ref.parameters()))
+        part = sophia_parts(opt)[0]
+        beta2 = part.group_config(part.param_groups[0]).betas[1]
+        errors = []
+        for p, g in zip(sharded.parameters(), grads):
+            dist.all_reduce(g)
+            expected = (1 - beta2) * 32 * (g / 2).square()
+            if p in part.state:
+                h = part.state[p]["hessian"].full_tensor()
+                errors.append(((h - expected).abs().max() / expected.abs().max()).item())
+        hutchinson = po.build("sophia", sharded, estimator="hutchinson")
+        try:
+            hessian_step(hutchinson, sharded, x, lambda m, b: m(b).logsumexp(-1).mean())
+            refused = False
+        except ConfigError as e:
+            refused = "takes the gnb estimator" in str(e)
+        if rank == 0:
+            print(len(errors), max(errors), kept, refused, flush=True)
+        dist.barrier()  # then leave without gloo's teardown, which aborts now and then (SIGABRT)
+        sys.stdout.flush()
+        os._exit(0)
+
+    if __name__ == "__main__":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(run, args=(port,), nprocs=2)
+''')
+
+
+def test_sophia_estimates_through_fsdp2s_backward_and_leaves_the_steps_gradients(tmp_path):
+    """On FSDP2's shards Sophia's GNB estimate is B·ĝ⊙ĝ over the batch of all ranks (ĝ reduce-scattered by FSDP2,
+    B = 32 rows), equal to the unsharded computation; the step's own gradients are untouched; Hutchinson, which
+    needs a double backward, is refused with one line."""
+    script = tmp_path / "sophia_fsdp.py"
+    script.write_text(SOPHIA_FSDP_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    count, worst, kept, refused = r.stdout.split()
+    assert int(count) == 4 and float(worst) < 1e-6 and kept == "True" and refused == "True", r.stdout
 
 
 DDP_SCRIPT = textwrap.dedent('''

@@ -46,6 +46,7 @@ amortized passes in units of the model's forward+backward.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -113,29 +114,56 @@ def hessian_ema_(h: Tensor, estimate: Tensor, beta2: float) -> None:
     h.mul_(beta2).add_(estimate.to(h.dtype), alpha=1 - beta2)
 
 
-def gnb_estimate(params: list[Tensor], model: nn.Module, batch: Any,
-                 logits_fn: Callable[[nn.Module, Any], Tensor] | None, *,
-                 generator: torch.Generator | None = None) -> list[Tensor | None]:
-    """Gauss–Newton–Bartlett: ĥ = B·ĝ⊙ĝ with ĝ = ∇ mean CE(logits, ŷ), ŷ ~ softmax(logits) (Algorithm 2)."""
+def _sampled_loss(model: nn.Module, batch: Any, logits_fn: Callable[[nn.Module, Any], Tensor] | None,
+                  generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """mean CE(logits, ŷ) with ŷ ~ softmax(logits), and the number of sampled rows (Algorithm 2)."""
     if logits_fn is None:
         raise ConfigError("Sophia's Gauss-Newton-Bartlett estimator samples labels from the model's logits: "
                           "define logits_fn(model, batch) in the model file, or use the Hutchinson estimator "
                           "(--set estimator=hutchinson; in Python estimator='hutchinson')")
+    logits = logits_fn(model, batch)
+    if not torch.is_tensor(logits) or logits.dim() < 2:
+        raise ConfigError("logits_fn(model, batch) must return a tensor of logits with the classes in the "
+                          f"last dimension; got {type(logits).__name__} "
+                          f"{tuple(logits.shape) if torch.is_tensor(logits) else ''}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype in (torch.float16, torch.bfloat16):  # sample and take the CE in float32
+        flat = flat.float()
+    with torch.no_grad():
+        labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(-1)
+    return F.cross_entropy(flat, labels), flat.shape[0]
+
+
+def gnb_estimate(params: list[Tensor], model: nn.Module, batch: Any,
+                 logits_fn: Callable[[nn.Module, Any], Tensor] | None, *,
+                 generator: torch.Generator | None = None) -> list[Tensor | None]:
+    """Gauss–Newton–Bartlett: ĥ = B·ĝ⊙ĝ with ĝ = ∇ mean CE(logits, ŷ), ŷ ~ softmax(logits) (Algorithm 2)."""
     with torch.enable_grad():
-        logits = logits_fn(model, batch)
-        if not torch.is_tensor(logits) or logits.dim() < 2:
-            raise ConfigError("logits_fn(model, batch) must return a tensor of logits with the classes in the "
-                              f"last dimension; got {type(logits).__name__} "
-                              f"{tuple(logits.shape) if torch.is_tensor(logits) else ''}")
-        flat = logits.reshape(-1, logits.shape[-1])
-        if flat.dtype in (torch.float16, torch.bfloat16):  # sample and take the CE in float32
-            flat = flat.float()
-        with torch.no_grad():
-            labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(-1)
-        loss = F.cross_entropy(flat, labels)
+        loss, b = _sampled_loss(model, batch, logits_fn, generator)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    b = flat.shape[0]
     return [None if g is None else g.square().mul_(b) for g in grads]
+
+
+def gnb_estimate_sharded(params: list[Tensor], model: nn.Module, batch: Any,
+                         logits_fn: Callable[[nn.Module, Any], Tensor] | None, *,
+                         generator: torch.Generator | None = None) -> list[Tensor | None]:
+    """GNB on FSDP2's sharded (DTensor) parameters. FSDP2 runs the forward on unsharded copies, so
+    ``autograd.grad`` with respect to the shards finds nothing; the sampled loss goes through FSDP2's own backward
+    instead, which reduce-scatters ĝ into each shard's ``.grad`` averaged over the mesh (the gradient of the batch
+    over all ranks), and B counts that batch. Every ``.grad`` of the model is set aside for it and restored."""
+    everything = list(model.parameters())
+    saved = [p.grad for p in everything]
+    for p in everything:
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            loss, b = _sampled_loss(model, batch, logits_fn, generator)
+            loss.backward()
+        ranks = params[0].device_mesh.size()
+        return [None if p.grad is None else p.grad.square().mul_(b * ranks) for p in params]
+    finally:
+        for p, g in zip(everything, saved):
+            p.grad = g
 
 
 def hutchinson_estimate(params: list[Tensor], model: nn.Module, batch: Any,
@@ -202,6 +230,8 @@ def _no_double_backward(why: str) -> ConfigError:
 class Sophia(PrecondOptimizer):
     """Sophia over param groups; see the module docstring for how the Hessian estimate is refreshed."""
 
+    runs_on_dtensor = True  # tests/test_distributed.py
+
     Config = Config
 
     def _state(self, p: Tensor) -> dict[str, Any]:
@@ -265,7 +295,14 @@ class Sophia(PrecondOptimizer):
         if name not in ESTIMATORS:
             raise ConfigError(f"Sophia: estimator must be one of {', '.join(ESTIMATORS)} (one per optimizer); "
                               f"got {estimator or sorted(names)}")
-        if name == "gnb":
+        sharded = isinstance(params[0], _dtensor_type())
+        if sharded and name != "gnb":
+            raise ConfigError("Sophia on FSDP2's sharded parameters takes the gnb estimator: Hutchinson needs a "
+                              "double backward, which FSDP2's backward does not give (--set estimator=gnb; in "
+                              "Python estimator='gnb')")
+        if sharded:
+            ests = gnb_estimate_sharded(params, model, batch, logits_fn, generator=generator)
+        elif name == "gnb":
             ests = gnb_estimate(params, model, batch, logits_fn, generator=generator)
         else:
             ests = hutchinson_estimate(params, model, batch, loss_fn, generator=generator)
@@ -275,6 +312,12 @@ class Sophia(PrecondOptimizer):
                               "enabled (not a copy, not under torch.no_grad)")
         ests = mean_over_replicas(model, params, ests)
         self.accumulate_hessian({p: e for p, e in zip(params, ests) if e is not None})
+
+
+def _dtensor_type() -> type:
+    """torch's DTensor class, or a class nothing is an instance of where it was never imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", type(None)) if module is not None else type(None)
 
 
 def mean_over_replicas(model: nn.Module, params: Sequence[Tensor],
