@@ -6,7 +6,8 @@ optimizer's ``search_space(trial, base)`` defines the space (STYLE.md: Optuna's 
 optimizer's defaults and, given a tuned AdamW, its ``from_adamw`` transfer are enqueued first, and the lr range
 is centred on the transferred lr. Diverging trials are pruned with their reason in the trial's user attrs;
 exceptions (CUDA OOM included) fail that trial with its reason and the study goes on. Each trial stores its full
-Config as ``user_attrs["hyperparameters"]``, so the best config is rebuilt exactly (``spec.config(**hp)``).
+Config in its ``result`` user attr (:data:`RESULT_ATTR`), so the best config is rebuilt exactly
+(``spec.config(**hp)``).
 
 Storage (``--storage``), all Optuna's own:
 
@@ -82,9 +83,12 @@ STOPPED = "its process stopped before the trial ended (killed); its config is re
 """The reason shown for a trial failed by the heartbeat check (it has no ``fail_reason``: nothing was left to write
 it)."""
 RESULT_ATTR = "result"
-"""The trial user attr holding what its run measured: steps_run, start_loss, median_step_seconds, train_seconds,
-trial_seconds, final_train_loss. Alongside it: ``hyperparameters`` (the full Config), ``pruned_reason`` or
-``fail_reason``, and for warm starts ``enqueued``."""
+"""The trial user attr holding its run, written once when the run ends (each write is a commit): what it measured
+(steps_run, start_loss, median_step_seconds, train_seconds, trial_seconds, final_train_loss), ``reports`` (every
+window's mean training loss by step, those written for the pruner and those before it), ``hyperparameters`` (the
+full Config) and, when pruned, ``pruned_reason``. Alongside it: ``fail_reason`` for a failed trial, and for warm
+starts ``enqueued``. Studies of earlier releases kept ``hyperparameters`` and ``pruned_reason`` as attrs of
+their own (:func:`hyperparameters_of`, :func:`pruned_reason_of` read both)."""
 SAMPLERS = ("tpe", "gp", "cmaes", "random")
 PRUNERS = ("median", "halving", "none")
 
@@ -560,7 +564,11 @@ class Objective:
 
     def config(self, trial: optuna.Trial) -> Any:
         """The trial's Config: an exact enqueued/retried config if it has one, else the search space's."""
-        exact = trial.user_attrs.get("hyperparameters") or trial.user_attrs.get("enqueued_config")
+        # a warm start's exact config, or a re-run's (a killed trial's attrs are copied to it: its config where
+        # the run got to write it, else its params, from which the config follows with --set)
+        ua = trial.user_attrs
+        exact = ((ua.get(RESULT_ATTR) or {}).get("hyperparameters") or ua.get("hyperparameters")
+                 or ua.get("enqueued_config"))
         config = self.spec.search_space(_FixedKnobs(trial, self.fixed_params), self.base)
         if exact:
             config = config_from_dict(self.spec, exact)
@@ -575,13 +583,15 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
+        hp: dict[str, Any] | None = None
         try:
             stopping.check()
             hp = config_dict(self.config(trial))
-            trial.set_user_attr("hyperparameters", _jsonable(hp))
-            pruner = self.settings.pruner
+            pruner, first = self.settings.pruner, self.judged_from
 
             def report(step: int, value: float) -> str | None:
+                if step < first:  # no pruner judges it: kept in the result's reports, not written on its own
+                    return None
                 trial.report(value, step)
                 if trial.should_prune():
                     return f"{pruner} pruner at step {step}: mean training loss {value:.4g}"
@@ -593,25 +603,40 @@ class Objective:
             raise
         except KeyboardInterrupt as e:
             how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-            trial.set_user_attr("fail_reason", f"{INTERRUPTED} ({how}); rerun the same command to resume")
+            self._failed(trial, hp, f"{INTERRUPTED} ({how}); rerun the same command to resume")
             raise
         except Exception as e:
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            trial.set_user_attr("fail_reason", _one_line(e))
+            self._failed(trial, hp, _one_line(e))
             raise
-        measured = {"steps_run": result.steps_run, "start_loss": result.start_loss,
-                    "median_step_seconds": result.median_step_seconds, "train_seconds": result.train_seconds,
-                    "trial_seconds": time.perf_counter() - t0,
-                    "final_train_loss": result.losses[-1] if result.losses else None}
-        # one storage write for all of them (each write is a commit: ≈ 1.5 ms on SQLite)
-        trial.set_user_attr(RESULT_ATTR, {k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                          for k, v in measured.items()})
+        measured: dict[str, Any] = {
+            "steps_run": result.steps_run, "start_loss": result.start_loss,
+            "median_step_seconds": result.median_step_seconds, "train_seconds": result.train_seconds,
+            "trial_seconds": time.perf_counter() - t0,
+            "final_train_loss": result.losses[-1] if result.losses else None}
+        measured = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in measured.items()}
+        measured["reports"] = {str(k): v if math.isfinite(v) else None for k, v in result.reports.items()}
+        measured["hyperparameters"] = _jsonable(hp)
         if result.stop_reason is not None:
-            trial.set_user_attr("pruned_reason", result.stop_reason)
+            measured["pruned_reason"] = result.stop_reason
+        trial.set_user_attr(RESULT_ATTR, measured)  # the trial's one write of its own (a commit: ≈ 1–2 ms on SQLite)
+        if result.stop_reason is not None:
             raise optuna.TrialPruned(result.stop_reason)
         assert result.eval_loss is not None
         return result.eval_loss
+
+    @property
+    def judged_from(self) -> int:
+        """The first step a pruner may judge (:func:`judged_from`)."""
+        return judged_from(self.schedule, self.settings.report_every)
+
+    @staticmethod
+    def _failed(trial: optuna.Trial, hp: dict[str, Any] | None, reason: str) -> None:
+        """A failed trial's reason, and its config when it got that far (the table and CSV show it)."""
+        if hp is not None:
+            trial.set_user_attr(RESULT_ATTR, {"hyperparameters": _jsonable(hp)})
+        trial.set_user_attr("fail_reason", reason)
 
 
 # ----------------------------------------------------------------------------------------------------- study
@@ -694,10 +719,16 @@ def _need(module: str, sampler: str) -> None:
         raise ConfigError(f"--sampler {sampler} needs the {module} package; pip install 'precondtune[samplers]'")
 
 
+def judged_from(schedule: Schedule, report_every: int) -> int:
+    """The first step a pruner judges: :data:`PRUNE_AFTER` of the steps, never during the lr warmup (early
+    losses say little about the end) and not before the first report. Reports before it are not written to the
+    storage (no pruner reads them; each is a commit); the trial's result keeps every report."""
+    return max(schedule.warmup_steps, report_every, math.ceil(PRUNE_AFTER * schedule.steps))
+
+
 def make_pruner(name: str, schedule: Schedule, report_every: int) -> optuna.pruners.BasePruner:
-    """Median or successive halving, judging from :data:`PRUNE_AFTER` of the steps on and never during the lr
-    warmup (early losses say little about the end)."""
-    warm = max(schedule.warmup_steps, report_every, math.ceil(PRUNE_AFTER * schedule.steps))
+    """Median or successive halving, judging from :func:`judged_from` on."""
+    warm = judged_from(schedule, report_every)
     if name == "median":
         return CompletedSnapshot(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warm,
                                                              interval_steps=1))
@@ -984,6 +1015,19 @@ def _measured(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return t.user_attrs.get(RESULT_ATTR) or t.user_attrs
 
 
+def hyperparameters_of(t: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    """The full Config a finished trial ran (in its :data:`RESULT_ATTR`; earlier studies kept it as the
+    ``hyperparameters`` attr); None for a trial killed before it ended."""
+    hp = _measured(t).get("hyperparameters")
+    return hp if hp is not None else t.user_attrs.get("hyperparameters")
+
+
+def pruned_reason_of(t: optuna.trial.FrozenTrial) -> str | None:
+    """Why a pruned trial was stopped (in its :data:`RESULT_ATTR`; earlier studies kept a ``pruned_reason``
+    attr)."""
+    return _measured(t).get("pruned_reason") or t.user_attrs.get("pruned_reason")
+
+
 def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None = None) -> pd.DataFrame:
     """One row per finished trial, best first: state, value, reason, timing and every hyperparameter."""
     rows = []
@@ -993,8 +1037,8 @@ def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None =
         ua, measured = t.user_attrs, _measured(t)
         row: dict[str, Any] = {
             "number": t.number, "state": t.state.name, "value": t.value,
-            "reason": ua.get("pruned_reason") or ua.get("fail_reason") or (STOPPED if t.state == TrialState.FAIL
-                                                                           else ""),
+            "reason": pruned_reason_of(t) or ua.get("fail_reason") or (STOPPED if t.state == TrialState.FAIL
+                                                                        else ""),
             "enqueued": ua.get("enqueued", ""), "steps_run": measured.get("steps_run"),
             "median_step_seconds": measured.get("median_step_seconds"),
             "train_seconds": measured.get("train_seconds"), "trial_seconds": measured.get("trial_seconds"),
@@ -1002,7 +1046,7 @@ def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None =
         if seed_runs and t.number in seed_runs:
             s = _spread(seed_runs[t.number])
             row.update({"seed_median": s["median"], "seed_min": s["min"], "seed_max": s["max"]})
-        for k, v in (ua.get("hyperparameters") or {}).items():
+        for k, v in (hyperparameters_of(t) or {}).items():
             row[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -1033,7 +1077,7 @@ def _rerun_seeds(obj: Objective, study: optuna.Study, settings: SearchSettings) 
                             datas[s] = prepare(obj.mf, steps=settings.steps, batch_size=settings.batch_size, seed=s,
                                                device=obj.data.device)
                         try:
-                            r = train(datas[s], obj.spec.name, t.user_attrs["hyperparameters"],
+                            r = train(datas[s], obj.spec.name, hyperparameters_of(t),
                                       schedule=obj.schedule, routing=obj.routing)
                             cached = r.eval_loss if r.eval_loss is not None else math.inf
                         except Exception:  # noqa: BLE001 - a seed that crashes counts as a diverged run
@@ -1225,8 +1269,8 @@ def _result(study: optuna.Study, name: str, url: str, obj: Objective, settings: 
         best = min(complete, key=lambda t: (t.value, t.number))
     failure = next((t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL
                     and t.user_attrs.get("fail_reason")), None)
-    diverged = [str(t.user_attrs["pruned_reason"]) for t in trials if t.state == TrialState.PRUNED
-                and str(t.user_attrs.get("pruned_reason", "")).startswith("diverged")]
+    diverged = [str(r) for t in trials if t.state == TrialState.PRUNED
+                and str(r := pruned_reason_of(t) or "").startswith("diverged")]
     if not complete and failure is None and diverged and len(diverged) == sum(t.state.is_finished() for t in trials):
         failure = f"{diverged[0]} (every trial diverged{_fp16_hint(obj)})"
     value = None
@@ -1234,6 +1278,6 @@ def _result(study: optuna.Study, name: str, url: str, obj: Objective, settings: 
         value = statistics.median(seed_runs[best.number]) if seed_runs else best.value
     return SearchResult(
         study=name, storage=url, optimizer=obj.spec.name, model=str(obj.mf.path), best_value=value,
-        best_hyperparameters=best.user_attrs.get("hyperparameters") if best else None,
+        best_hyperparameters=hyperparameters_of(best) if best else None,
         best_trial=best.number if best else None, counts=counts, new=new, frame=trials_frame(study, seed_runs),
         steps=settings.steps, steps_saved_by_pruning=saved, seed_runs=seed_runs, first_failure=failure)

@@ -367,6 +367,79 @@ def test_trials_written_by_0_1_0_with_one_attr_per_measurement_are_still_read():
     assert list(f["steps_run"]) == [40, 40] and list(f["train_seconds"]) == [0.4, 0.5]
 
 
+def test_trials_of_earlier_releases_keep_their_config_and_pruned_reason():
+    from precondtune.search import hyperparameters_of, pruned_reason_of, trials_frame
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.PRUNED, intermediate_values={40: 2.0},
+        user_attrs={"hyperparameters": {"lr": 0.01}, "pruned_reason": "median pruner at step 40",
+                    "result": {"steps_run": 40, "train_seconds": 0.4, "trial_seconds": 0.45}}))
+    t = study.trials[0]
+    assert hyperparameters_of(t) == {"lr": 0.01} and pruned_reason_of(t) == "median pruner at step 40"
+    f = trials_frame(study)
+    assert f["lr"][0] == 0.01 and f["reason"][0] == "median pruner at step 40"
+
+
+def test_a_trial_writes_its_run_once_and_reports_only_what_a_pruner_judges(tiny_model, monkeypatch):
+    """Each storage write is a commit (1–3 ms on SQLite): a trial's own writes are its result, once, and the
+    reports from the first step a pruner judges on; the result keeps every report."""
+    from optuna.storages import InMemoryStorage
+
+    from precondtune import search
+
+    writes: list[tuple[int, str]] = []
+    attr = InMemoryStorage.set_trial_user_attr
+    monkeypatch.setattr(InMemoryStorage, "set_trial_user_attr",
+                        lambda self, tid, key, value: (writes.append((tid, key)), attr(self, tid, key, value))[1])
+    settings = SearchSettings(optimizer="adamw", trials=12, steps=40, batch_size=16, storage="memory",
+                              pruner="median", adamw=AdamWReference(lr=0.3))
+    opened = {}
+    monkeypatch.setattr(search, "open_storage", lambda url, **kw: opened.setdefault("ref", search._open(
+        url, workers=1, create_file=True)))
+    r = run_search(load_model_file(tiny_model), settings)
+    study = optuna.load_study(study_name=r.study, storage=opened["ref"].storage)
+    first = search.judged_from(settings.schedule(), settings.report_every)
+    assert (first, settings.report_every) == (8, 4)
+    trials = study.get_trials()
+    assert {t.state for t in trials} >= {TrialState.COMPLETE, TrialState.PRUNED}
+    for t in trials:
+        result = t.user_attrs["result"]
+        assert [key for tid, key in writes if tid == t._trial_id] == ["result"]  # one write of its own
+        assert search.hyperparameters_of(t) is not None and "lr" in search.hyperparameters_of(t)
+        reported = sorted(int(k) for k in result["reports"])
+        assert reported == list(range(4, result["steps_run"] + 1, 4))  # every window's mean is kept
+        assert sorted(t.intermediate_values) == [s for s in reported if first <= s < 40]
+        assert (t.state == TrialState.PRUNED) == bool(search.pruned_reason_of(t))
+        assert t.state != TrialState.PRUNED or search.pruned_reason_of(t) == r.frame.set_index("number")[
+            "reason"][t.number]
+
+
+def test_a_killed_trial_is_rerun_with_the_config_it_was_sampled_with(tiny_model, tmp_path, monkeypatch):
+    """A trial killed mid-run wrote nothing of its own: its params (written as it sampled them) give its re-run
+    the same config."""
+    from precondtune import search
+
+    monkeypatch.setattr(search, "GRACE_SECONDS", 1)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    settings = SearchSettings(optimizer="adamw", trials=3, steps=6, batch_size=16, storage=url, study_name="k",
+                              pruner="none", fixed=("weight_decay=0.05",))
+    mf = load_model_file(tiny_model)
+    run_search(mf, settings)
+    ref = search.open_storage(url)
+    study = optuna.load_study(study_name="k", storage=ref.storage)
+    zombie = study.ask()  # a sampled trial (the warm starts ran), killed once it had its config
+    sampled = search._jsonable(po.config_dict(search.Objective(mf, settings).config(zombie)))
+    assert sampled["weight_decay"] == 0.05
+    ref.storage.record_heartbeat(zombie._trial_id)
+    time.sleep(2.2)
+    run_search(mf, dataclasses.replace(settings, trials=1))
+    study = optuna.load_study(study_name="k", storage=ref.storage)
+    retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == zombie.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert search.hyperparameters_of(retry[0]) == json.loads(json.dumps(sampled))
+
+
 def test_progress_counts_match_the_study(tiny_model):
     calls = []
     settings = SearchSettings(optimizer="adamw", trials=8, steps=20, batch_size=16, storage="memory",
