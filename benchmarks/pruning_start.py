@@ -44,8 +44,9 @@ def trajectories(example: str, optimizer: str, trials: int, steps: int, storage:
                               pruner="none", sampler="random")
     run_search(mf, settings, progress=lambda *_: None)
     study = optuna.load_study(study_name=name, storage=storage)
-    return [(dict(t.intermediate_values), float(t.value)) for t in study.trials
-            if t.state == optuna.trial.TrialState.COMPLETE]
+    # every window's mean, from the trial's result (the storage's intermediate values start where the pruner judges)
+    return [({int(k): v for k, v in t.user_attrs["result"]["reports"].items() if int(k) < steps}, float(t.value))
+            for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
 def replay(trials: list[tuple[dict, float]], start: int, order: list[int], steps: int) -> tuple[int, list[int]]:
