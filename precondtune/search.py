@@ -566,9 +566,7 @@ class Objective:
         """The trial's Config: an exact enqueued/retried config if it has one, else the search space's."""
         # a warm start's exact config, or a re-run's (a killed trial's attrs are copied to it: its config where
         # the run got to write it, else its params, from which the config follows with --set)
-        ua = trial.user_attrs
-        exact = ((ua.get(RESULT_ATTR) or {}).get("hyperparameters") or ua.get("hyperparameters")
-                 or ua.get("enqueued_config"))
+        exact = hyperparameters_of(trial) or trial.user_attrs.get("enqueued_config")
         config = self.spec.search_space(_FixedKnobs(trial, self.fixed_params), self.base)
         if exact:
             config = config_from_dict(self.spec, exact)
@@ -587,7 +585,7 @@ class Objective:
         try:
             stopping.check()
             hp = config_dict(self.config(trial))
-            pruner, first = self.settings.pruner, self.judged_from
+            pruner, first = self.settings.pruner, judged_from(self.schedule, self.settings.report_every)
 
             def report(step: int, value: float) -> str | None:
                 if step < first:  # no pruner judges it: kept in the result's reports, not written on its own
@@ -625,11 +623,6 @@ class Objective:
             raise optuna.TrialPruned(result.stop_reason)
         assert result.eval_loss is not None
         return result.eval_loss
-
-    @property
-    def judged_from(self) -> int:
-        """The first step a pruner may judge (:func:`judged_from`)."""
-        return judged_from(self.schedule, self.settings.report_every)
 
     @staticmethod
     def _failed(trial: optuna.Trial, hp: dict[str, Any] | None, reason: str) -> None:
@@ -1015,9 +1008,9 @@ def _measured(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return t.user_attrs.get(RESULT_ATTR) or t.user_attrs
 
 
-def hyperparameters_of(t: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
-    """The full Config a finished trial ran (in its :data:`RESULT_ATTR`; earlier studies kept it as the
-    ``hyperparameters`` attr); None for a trial killed before it ended."""
+def hyperparameters_of(t: optuna.trial.FrozenTrial | optuna.Trial) -> dict[str, Any] | None:
+    """The full Config a trial ran (in its :data:`RESULT_ATTR`; earlier studies kept it as the
+    ``hyperparameters`` attr); None for a trial killed before it ended, or one not yet run."""
     hp = _measured(t).get("hyperparameters")
     return hp if hp is not None else t.user_attrs.get("hyperparameters")
 
