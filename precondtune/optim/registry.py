@@ -143,13 +143,13 @@ class OptimizerSpec:
 
 def make_config(config_cls: type, hyperparameters: Mapping[str, Any], *, where: str) -> Any:
     """``config_cls(**hyperparameters)`` with unknown keys and bad values reported by name."""
-    valid = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = [k for k in hyperparameters if k not in valid]
+    fields = _fields(config_cls)
+    unknown = [k for k in hyperparameters if k not in fields]
     if unknown:
-        raise ConfigError(f"{where}: unknown hyperparameter {unknown[0]!r}; valid: {', '.join(valid)}")
+        raise ConfigError(f"{where}: unknown hyperparameter {unknown[0]!r}; valid: {', '.join(fields)}")
     hp = {k: _python(v) for k, v in hyperparameters.items()}
     for key, value in hp.items():
-        problem = _type_problem(config_cls, key, value)
+        problem = _type_problem(fields[key], key, value)
         if problem:
             raise ConfigError(f"{where}: {key}={value!r} {problem}")
     try:
@@ -169,16 +169,27 @@ def _python(value: Any) -> Any:
     return value
 
 
-def _type_problem(config_cls: type, key: str, value: Any) -> str | None:
+@cache
+def _fields(config_cls: type) -> dict[str, tuple[Any, bool]]:
+    """A Config class's fields in order: name -> (default, whether the annotation admits None). Built once per
+    class: a param group's config is validated at every step."""
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out[f.name] = (default, "None" in str(f.type))
+    return out
+
+
+def _type_problem(field_info: tuple[Any, bool], key: str, value: Any) -> str | None:
     """What is wrong with ``value``'s type for the field ``key`` (after :func:`_python`), judged by the field's
-    default and whether its annotation admits None; None when nothing is (range checks are the Config's own).
-    Accepted besides Python's own types: a 0-d tensor for a number (torch takes a tensor lr), inf for thresholds
-    (``clip_threshold``, ``max_precond_dim``) but not for lr or weight decay, None for a bool (torch's "auto")."""
-    f = next(f for f in dataclasses.fields(config_cls) if f.name == key)
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    default and whether its annotation admits None (``field_info``, from :func:`_fields`); None when nothing is
+    (range checks are the Config's own). Accepted besides Python's own types: a 0-d tensor for a number (torch
+    takes a tensor lr), inf for thresholds (``clip_threshold``, ``max_precond_dim``) but not for lr or weight
+    decay, None for a bool (torch's "auto")."""
+    default, admits_none = field_info
     if value is None:
-        ok = default is None or isinstance(default, bool) or "None" in str(f.type)
+        ok = default is None or isinstance(default, bool) or admits_none
         return None if ok else "must be set (it cannot be null)"
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not isinstance(default, (bool, tuple, str)):
         value = value.item()
@@ -281,8 +292,8 @@ class PrecondOptimizer(torch.optim.Optimizer):
         return self._validated_config(group)
 
     def _validated_config(self, group: dict[str, Any]) -> Any:
-        keys = [f.name for f in dataclasses.fields(self.Config)]
-        return make_config(self.Config, {k: group[k] for k in keys if k in group}, where=type(self).__name__)
+        return make_config(self.Config, {k: group[k] for k in _fields(self.Config) if k in group},
+                           where=type(self).__name__)
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         out = []
