@@ -520,7 +520,9 @@ def recommended_config(result: PlanResult) -> dict[str, Any]:
         "estimates": {
             "optimizer_state_bytes": int(win.memory["bytes"]["optimizer_state"]),
             "total_peak_bytes": int(win.memory["bytes"]["total_peak"]),
-            "flop_overhead": float(win.cost["overhead"]) if win.cost else None,
+            # undefined (None) when FlopCounterMode counts no forward+backward FLOPs on the model
+            "flop_overhead": float(overhead) if (overhead := (win.cost or {}).get("overhead")) is not None
+            and math.isfinite(overhead) else None,
             "batch_size": result.settings.batch_size,
         },
         "evidence": {

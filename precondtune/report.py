@@ -14,12 +14,16 @@ if TYPE_CHECKING:
 GiB = float(1 << 30)
 
 
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(float(x))
+
+
 def _pct(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * float(x):.2f}%"
+    return f"{100 * float(x):.2f}%" if _finite(x) else "-"
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(float(x), fmt)
+    return format(float(x), fmt) if _finite(x) else "-"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -67,7 +71,8 @@ def plots(result: PlanResult, out: Path) -> dict[str, Path]:
     files["memory_plot"] = _save(fig, out / "memory.png")
     plt.close(fig)
 
-    with_cost = [c for c in cands if c.cost]
+    # a model whose forward+backward FlopCounterMode counts nothing (no matmul or convolution) has no overhead
+    with_cost = [c for c in cands if c.cost and _finite(c.cost.get("overhead"))]
     if with_cost:
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(with_cost) + 1.5))
         ax.barh([c.name for c in with_cost], [100 * c.cost["overhead"] for c in with_cost], label="FLOP overhead")

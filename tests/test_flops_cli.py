@@ -52,6 +52,21 @@ def test_table_and_measure() -> None:
     assert "predicted step" in result.stdout and "MFU 40%" in result.stdout
 
 
+def test_a_model_with_no_counted_flops_has_no_overhead_ratio(tmp_path) -> None:
+    """FlopCounterMode counts no elementwise op: an embedding-only model has F = 0 and no ratio, not ``inf%``."""
+    path = tmp_path / "emb.py"
+    path.write_text("import torch\n"
+                    "def build_model():\n    return torch.nn.Embedding(10, 4)\n"
+                    "def sample_batch(n):\n    return torch.randint(10, (n, 3))\n"
+                    "def loss_fn(model, batch):\n    return model(batch).pow(2).mean()\n")
+    doc = json.loads(runner.invoke(app, ["flops", str(path), "-o", "adamw,muon", "--json"]).stdout)
+    assert doc["train_flops_per_step"] == 0 and [o["overhead"] for o in doc["optimizers"]] == [None, None]
+    result = runner.invoke(app, ["flops", str(path), "-o", "adamw"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "inf%" not in text and "finds none in this model's forward+backward: no overhead ratio" in text
+
+
 @pytest.mark.parametrize("args,needle", [
     (["-o", "no-such-optimizer"], "unknown optimizer"),
     (["--gpu", "no-such-gpu"], "unknown GPU profile"),

@@ -183,6 +183,7 @@ NOLOGITS = ("import torch\nimport torch.nn.functional as F\n"
     (NOMAT, "muon", "not applicable", ""),  # nothing for Muon to update
     (NOLOGITS, "sophia", "not searched", "--set estimator=hutchinson"),  # its default estimator needs logits_fn
 ])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NOMAT counts no FLOPs: no NaN bar reaches a plot
 def test_an_optimizer_this_model_cannot_take_is_noted_and_the_plan_goes_on(tmp_path, source, name, status, needle):
     path = tmp_path / "model.py"
     path.write_text(source)
@@ -193,6 +194,10 @@ def test_an_optimizer_this_model_cannot_take_is_noted_and_the_plan_goes_on(tmp_p
     row = next(o for o in doc["optimizers"] if o["name"] == name)
     assert row["status"] == status and row["median_eval_loss"] is None and needle in (row["note"] or "")
     assert doc["winner"] == "adamw"
+    if doc["optimizers"][0]["overhead"] is None:  # nothing to plot: no overhead.png, and report.md does not link it
+        assert not (tmp_path / "r" / "overhead.png").exists()
+        assert "overhead.png" not in (tmp_path / "r" / "report.md").read_text()
+        assert yaml.safe_load((tmp_path / "r" / "recommended.yaml").read_text())["estimates"]["flop_overhead"] is None
 
 
 def test_under_fsdp_only_optimizers_that_run_sharded_are_searched(tmp_path):

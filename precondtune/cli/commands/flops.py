@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -54,7 +55,8 @@ def render(r: FlopsReport) -> None:
     for o in r.optimizers:
         row = [o.name, human_count(o.step_flops), human_count(o.refresh_step_flops) if o.refresh_every else "-",
                o.refresh_every or "-", human_count(o.amortized_step_flops),
-               f"{o.overhead:.3%}" if o.overhead < 0.01 else f"{o.overhead:.2%}", f"{o.bytes_per_parameter:.1f}"]
+               "-" if not math.isfinite(o.overhead) else f"{o.overhead:.3%}" if o.overhead < 0.01
+               else f"{o.overhead:.2%}", f"{o.bytes_per_parameter:.1f}"]
         if predict:
             p = o.predicted
             row += [_ms(p.step_seconds if p else None), _pct(o.predicted_time_overhead)]
@@ -68,6 +70,9 @@ def render(r: FlopsReport) -> None:
     notes = [(f"F (forward+backward) = {human_count(r.train_flops_per_step, 'FLOP')} per step at "
               f"{r.tokens_per_batch:,} tokens ({FLOP_METHOD}); overhead = amortized FLOPs / F; "
               "B/param = bytes the elementwise part moves per parameter per step")]
+    if not r.train_flops_per_step:
+        notes.append("FlopCounterMode counts matmuls, convolutions and attention, and finds none in this model's "
+                     "forward+backward: no overhead ratio")
     if predict:
         assert r.gpu is not None
         notes.append(f"predicted on {r.gpu.title}: matmuls at MFU {r.mfu:.0%} of {r.matmul_dtype} peak "
