@@ -185,6 +185,17 @@ def evaluate(mf: ModelFile, model: nn.Module, batches: list[Any], device: torch.
     return total / max(len(batches), 1)
 
 
+def _non_finite(loss: torch.Tensor, model: nn.Module) -> str | None:
+    """What is not finite after a backward: the loss, else a gradient (named), else None."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return f"loss {value}"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"non-finite gradient of {name}"
+    return None
+
+
 def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, schedule: Schedule,
           routing: Any = None, report_every: int = 0,
           callback: Callable[[int, float], str | None] | None = None,
@@ -222,9 +233,18 @@ def train(data: TrialData, optimizer: str, hyperparameters: dict[str, Any], *, s
         opt.zero_grad(set_to_none=True)
         loss = mf.loss(model, batch)
         loss.backward()
-        if hook is not None:
-            hook(opt, model, batch, mf.raw_loss, mf.logits_fn, generator=generator)
-        opt.step()
+        try:
+            if hook is not None:
+                hook(opt, model, batch, mf.raw_loss, mf.logits_fn, generator=generator)
+            opt.step()
+        except RuntimeError as e:  # an eigh/SVD/QR of a NaN statistic raises (SOAP, GaLore, Iso): that is divergence
+            if (why := _non_finite(loss, model)) is None:
+                raise
+            losses.append(float(loss.detach()))
+            times.append(time.perf_counter() - t0)
+            result.stop_reason = f"diverged: {why} at step {step} (the optimizer step raised {type(e).__name__})"
+            result.diverged = True
+            break
         sched.step()
         value = float(loss.detach())  # synchronizes the device
         synchronize(device)

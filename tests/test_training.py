@@ -113,3 +113,23 @@ def test_one_outlier_batch_is_not_divergence(tmp_path):
     r = train(data, "adamw", {"lr": 1e-3}, schedule=Schedule(12))
     assert max(r.losses) > 1000 * data.start_loss  # the spike is there ...
     assert not r.diverged and r.stop_reason is None and r.eval_loss is not None  # ... and the run goes on
+
+
+@pytest.mark.parametrize("at", [0, 10])  # SOAP/GaLore decompose at the first step, Iso and Sophia's sampler later too
+@pytest.mark.parametrize("name", po.available())
+def test_a_nan_loss_is_divergence_for_every_optimizer_even_one_whose_step_decomposes_it(tmp_path, name, at):
+    """SOAP's eigh, GaLore's SVD, Iso's eigh and Sophia's label sampling raise on NaN: the trial is diverged, not
+    failed."""
+    path = tmp_path / "nan_batch.py"
+    path.write_text("import torch\n_n = [0]\n"
+                    "def build_model():\n"
+                    "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))\n"
+                    "def sample_batch(n):\n    _n[0] += 1\n    x = torch.randn(n, 8)\n"
+                    f"    return x * float('nan') if _n[0] == {at + 1} else x, torch.randint(4, (n,))\n"
+                    "def loss_fn(model, batch):\n"
+                    "    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])\n"
+                    "def logits_fn(model, batch):\n    return model(batch[0])\n")
+    data = prepare(load_model_file(path), steps=24, batch_size=8, seed=0)
+    r = train(data, name, {}, schedule=Schedule(24))
+    assert r.diverged and r.eval_loss is None and r.stop_reason.startswith("diverged: loss nan ")
+    assert f"at step {at}" in r.stop_reason and r.steps_run == at + 1, r.stop_reason
