@@ -227,6 +227,45 @@ def check_storage(url: str | None, *, workers: int = 1) -> None:
     _open(url, workers=workers, create_file=False)
 
 
+def _check_parent(path: Path, url: str) -> None:
+    if not path.parent.exists():
+        raise ConfigError(f"--storage {url}: directory {path.parent} does not exist; create it first")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--storage {url}: {path.parent} is a file, not a directory; give a path in a directory")
+
+
+def _check_journal(path: Path, url: str) -> None:
+    """An existing file is an Optuna journal (or empty) before Optuna appends a record to it."""
+    if path.is_dir():
+        raise ConfigError(f"--storage {url}: {path} is a directory; name a file in it, e.g. {path / 'studies.log'}")
+    try:
+        with path.open("rb") as f:
+            first = f.readline(1 << 16)
+    except OSError as e:
+        raise ConfigError(f"--storage {url}: cannot read {path} ({e.strerror}); check its permissions") from e
+    if not first.strip():
+        return
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "op_code" not in record:
+        raise ConfigError(f"--storage {url}: {path} is not an Optuna journal file (its first line is not a journal "
+                          "record) and is left as it is; give a new file or an existing journal")
+
+
+def _open_hint(scheme: str) -> str:
+    if scheme == "sqlite":
+        return "check that the file is an SQLite database and that you can write to it and to its directory"
+    if scheme.startswith("mysql"):
+        return ("check the URL, that the server is reachable and that a MySQL driver is installed "
+                "(e.g. pip install pymysql, and mysql+pymysql://...)")
+    if scheme.startswith("postgres"):
+        return ("check the URL, that the server is reachable and that its driver is installed "
+                "(pip install 'precondtune[postgres]')")
+    return "check the URL, that the server is reachable and that SQLAlchemy's driver for it is installed"
+
+
 def _check_creatable(path: Path, url: str) -> None:
     """A file can be made beside ``path`` (tried and removed at once: nothing is left behind)."""
     why = cannot_create_in(path.parent)
@@ -250,11 +289,13 @@ def _open(url: str | None, *, workers: int, create_file: bool) -> StorageRef | N
         return StorageRef(optuna.storages.InMemoryStorage(), url, "memory")
     journal = _journal_path(url)
     if journal is not None:
-        if not journal.parent.is_dir():
-            raise ConfigError(f"--storage {url}: directory {journal.parent} does not exist; create it first")
-        if not create_file and not journal.exists():
+        _check_parent(journal, url)
+        if not journal.exists():
             _check_creatable(journal, url)
-            return None
+            if not create_file:
+                return None
+        else:
+            _check_journal(journal, url)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         try:
@@ -268,11 +309,13 @@ def _open(url: str | None, *, workers: int, create_file: bool) -> StorageRef | N
                           "journal:///path.log or memory")
     if scheme == "sqlite":
         path = Path(url[len("sqlite:///"):])
-        if not path.parent.is_dir():
-            raise ConfigError(f"--storage {url}: directory {path.parent} does not exist; create it first")
-        if not create_file and not path.exists():
+        _check_parent(path, url)
+        if path.is_dir():
+            raise ConfigError(f"--storage {url}: {path} is a directory; name a file in it, e.g. {path / 'studies.db'}")
+        if not path.exists():
             _check_creatable(path, url)
-            return None
+            if not create_file:
+                return None
     engine = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if scheme == "sqlite" else {"pool_pre_ping": True}
     driver_url = _with_driver(url)
     try:
@@ -282,8 +325,7 @@ def _open(url: str | None, *, workers: int, create_file: bool) -> StorageRef | N
                 driver_url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as e:
-        raise ConfigError(f"--storage {url}: cannot open it ({_one_line(e)}); check the URL, that the server is "
-                          "reachable and that its driver is installed (pip install 'precondtune[postgres]')") from e
+        raise ConfigError(f"--storage {url}: cannot open it ({_one_line(e)}); {_open_hint(scheme)}") from e
     if scheme == "sqlite":
         _fast_sqlite(storage.engine)
     return StorageRef(storage, url, "rdb")

@@ -225,6 +225,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("storage, needle", [
+    ("train.log", "is not an Optuna journal file"),  # a user's own log is not appended to
+    ("journal:///{tmp}/train.log", "is not an Optuna journal file"),
+    ("sqlite:///{tmp}/afile/x.db", "afile is a file, not a directory"),
+    ("sqlite:///{tmp}/adir", "adir is a directory; name a file in it"),
+    ("sqlite:///{tmp}/junk.db", "check that the file is an SQLite database"),
+    ("mysql://nobody@127.0.0.1:9/none", "MySQL driver"),
+])
+def test_a_storage_that_is_not_one_is_refused_and_left_as_it_was(tmp_path, monkeypatch, storage, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.log").write_text("2026-12-07 step 1 loss 3.2\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "junk.db").write_text("not a database\n")
+    before = {f.name: f.read_bytes() if f.is_file() else None for f in tmp_path.iterdir()}
+    r = _tune("--storage", storage.format(tmp=tmp_path))
+    assert r.exit_code == 2 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert {f.name: f.read_bytes() if f.is_file() else None for f in tmp_path.iterdir()} == before
+
+
 def test_study_made_for_another_optimizer_is_rejected_untouched(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first = _tune("-o", "adamw", "--study-name", "shared", "--json")
