@@ -389,8 +389,24 @@ def parse_assignments(text: str, *, option: str) -> dict[str, Any]:
         if not eq or not key.strip():
             raise ConfigError(f"{option} {text!r}: expected KEY=VALUE[,KEY=VALUE...]; a list value goes in brackets, "
                               "e.g. betas=[0.9,0.99]")
+        if key.strip() in out:
+            raise ConfigError(f"{option} {text!r}: {key.strip()} is given twice; give it once")
         out[key.strip()] = parse_value(value)
+    if not out:
+        raise ConfigError(f"{option} {text!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. lr=0.01")
     return out
+
+
+def merge_sets(items: Sequence[str]) -> dict[str, Any]:
+    """Every ``--set`` item's assignments together; a knob fixed by two of them is refused, not silently the last."""
+    fixed: dict[str, Any] = {}
+    for item in items:
+        values = parse_assignments(item, option="--set")
+        twice = next((k for k in values if k in fixed), None)
+        if twice is not None:
+            raise ConfigError(f"--set {twice} is given twice ({fixed[twice]!r} and {values[twice]!r}); give it once")
+        fixed.update(values)
+    return fixed
 
 
 def fallback_routing(spec: OptimizerSpec, adamw: AdamWReference | None) -> list[dict[str, Any]] | None:
@@ -474,6 +490,15 @@ class Knobs:
         aliases = [p[len("one_minus_"):] for p in self.params if p.startswith("one_minus_")]
         return sorted(set(self.params) | set(self.fields) | set(aliases))
 
+    def _field_hint(self, key: str) -> str:
+        """How to fix a searched knob at a value outside its searched range: through its Config field."""
+        name = key.removeprefix("one_minus_")
+        if name in ("beta1", "beta2") and "betas" in self.fields:
+            return "; to fix it outside that range, give the field: betas=[BETA1,BETA2], e.g. betas=[0.5,0.999]"
+        if name != key and name in self.fields:
+            return f"; to fix it outside that range, give the field: {name}=VALUE"
+        return ""
+
     def resolve(self, values: dict[str, Any], *, option: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """``values`` -> (trial params to fix, Config fields to override), each checked; bad ones raise."""
         params: dict[str, Any] = {}
@@ -487,8 +512,9 @@ class Knobs:
             if inverse in self.params and isinstance(value, (int, float)) and not isinstance(value, bool):
                 # beta1=0.95 fixes the trial param one_minus_beta1=0.05 (and the field, if there is one)
                 if key not in self.fields and not _contains(self.params[inverse], 1 - value):
-                    raise ConfigError(f"{option} {key}={value!r} is out of range for {self.spec.name}; allowed: "
-                                      f"1 - {_describe(self.params[inverse])}")
+                    d = self.params[inverse]
+                    raise ConfigError(f"{option} {key}={value!r} is outside {self.spec.name}'s searched range "
+                                      f"[{1 - d.high:g}, {1 - d.low:g}]{self._field_hint(key)}")
                 params[inverse] = 1 - value
                 if key not in self.fields:
                     continue
@@ -498,7 +524,7 @@ class Knobs:
             if key in self.params:
                 if key not in self.fields and not _contains(self.params[key], value):
                     raise ConfigError(f"{option} {key}={value!r} is out of range for {self.spec.name}; allowed: "
-                                      f"{_describe(self.params[key])}")
+                                      f"{_describe(self.params[key])}{self._field_hint(key)}")
                 params[key] = value
             if key in self.fields:
                 fields[key] = tuple(value) if isinstance(value, list) else value
@@ -589,10 +615,7 @@ class Objective:
         self.base = _base(self.spec, settings.adamw)
         self.routing = fallback_routing(self.spec, settings.adamw)
         self.knobs = Knobs.of(self.spec, self.base)
-        fixed: dict[str, Any] = {}
-        for item in settings.fixed:
-            fixed.update(parse_assignments(item, option="--set"))
-        self.fixed_params, self.fixed_fields = self.knobs.resolve(fixed, option="--set")
+        self.fixed_params, self.fixed_fields = self.knobs.resolve(merge_sets(settings.fixed), option="--set")
         self.schedule = settings.schedule()
         self._data = data
 
@@ -929,9 +952,7 @@ def _stop_without_parent(study: optuna.Study, _trial: Any) -> None:
 def check_enqueue(knobs: Knobs, fixed_items: Sequence[str], enqueue_items: Sequence[str]) -> None:
     """Each ``--enqueue`` item's knobs and values are valid, and none contradicts a ``--set`` (which holds for
     every trial, warm starts included)."""
-    fixed: dict[str, Any] = {}
-    for item in fixed_items:
-        fixed.update(parse_assignments(item, option="--set"))
+    fixed = merge_sets(fixed_items)
     for item in enqueue_items:
         values = parse_assignments(item, option="--enqueue")
         knobs.resolve(values, option="--enqueue")

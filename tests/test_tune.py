@@ -192,7 +192,7 @@ def _tune(*args):
     (["--set", "nosuch=1"], "valid:"),
     (["--set", "weight_decay=-1"], "weight_decay"),
     (["--set", "one_minus_beta1=0.9"], "out of range"),
-    (["--set", "beta1=1.5"], "out of range"),
+    (["--set", "beta1=1.5"], "outside adamw's searched range [0.8, 0.98]; to fix it outside that range, give the "),
     (["--enqueue", "lr"], "KEY=VALUE"),
     (["--enqueue", "lr=0.01,bogus=2"], "valid:"),
     (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open"),
@@ -215,6 +215,10 @@ def _tune(*args):
     (["--csv", "/proc/precondtune/trials.csv"], "/proc"),  # nothing can be created there, even by root
     (["--set", "betas=[0.9,0.99]", "--set", "beta1=0.95"], "give one of them"),
     (["--set", "lr=0.01", "--enqueue", "lr=0.02"], "contradicts --set lr=0.01"),
+    (["--enqueue", ""], "expected KEY=VALUE"),
+    (["--set", " , "], "expected KEY=VALUE"),
+    (["--set", "lr=0.001", "--set", "lr=0.01"], "--set lr is given twice (0.001 and 0.01); give it once"),
+    (["--enqueue", "lr=0.001,lr=0.01"], "lr is given twice"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
