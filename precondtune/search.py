@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing
+import shlex
 import socket
 import statistics
 import sys
@@ -191,11 +193,16 @@ TRIAL_SETTINGS = ("steps", "batch_size", "seed", "warmup", "decay")
 
 
 def resume_options(settings: SearchSettings) -> str:
-    """The options that select ``settings``' study again: its optimizer, and its trial settings where they are
-    not the defaults (a study is made for one optimizer, so the hint names it even when it is the default)."""
+    """The options that select ``settings``' study again and add trials to it as this run did: its optimizer (a
+    study is made for one, so the hint names it even when it is the default), its trial settings, sampler and
+    pruner where they are not the defaults, the tuned AdamW transferred from, and every ``--set``."""
     default = SearchSettings(optimizer=settings.optimizer)
     return " ".join([f"--optimizer {settings.optimizer}"]
                     + [f"--{key.replace('_', '-')} {getattr(settings, key)}" for key in TRIAL_SETTINGS
+                       if getattr(settings, key) != getattr(default, key)]
+                    + ([adamw_options(settings.adamw)] if settings.adamw else [])
+                    + [f"--set {shlex.quote(item)}" for item in settings.fixed]
+                    + [f"--{key} {getattr(settings, key)}" for key in ("sampler", "pruner")
                        if getattr(settings, key) != getattr(default, key)])
 
 
@@ -797,11 +804,62 @@ def make_pruner(name: str, schedule: Schedule, report_every: int) -> optuna.prun
     raise ConfigError(f"--pruner {name!r}; valid: {', '.join(PRUNERS)}")
 
 
+def model_identity(mf: ModelFile) -> str:
+    """The model file's contents and factory, hashed: the same on every machine of a distributed study, and
+    different for another file of the same name or an edited one."""
+    digest = hashlib.sha256(mf.path.read_bytes())
+    digest.update(f"\0{mf.factory_name}".encode())
+    return digest.hexdigest()[:16]
+
+
+def adamw_options(adamw: AdamWReference | None) -> str:
+    """``--adam-*`` options as typed, or "" without ``--adam-lr``."""
+    if adamw is None:
+        return ""
+    return (f"--adam-lr {adamw.lr!r} --adam-betas {adamw.betas[0]!r},{adamw.betas[1]!r} "
+            f"--adam-weight-decay {adamw.weight_decay!r}")
+
+
 def _study_attrs(mf: ModelFile, settings: SearchSettings, spec: OptimizerSpec, params: int) -> dict[str, Any]:
-    return {"optimizer": spec.name, "model": str(mf.path), "trainable_parameters": params,
+    return {"optimizer": spec.name, "model": str(mf.path), "model_identity": model_identity(mf),
+            "trainable_parameters": params,
             "trial_settings": {"steps": settings.steps, "batch_size": settings.batch_size, "seed": settings.seed,
                                "warmup": settings.schedule().warmup_steps, "decay": settings.decay},
-            "set": sorted(settings.fixed)}
+            "set": sorted(settings.fixed), "adamw": _adamw_attr(settings.adamw)}
+
+
+def _adamw_attr(adamw: AdamWReference | None) -> dict[str, Any] | None:
+    return None if adamw is None else {"lr": adamw.lr, "betas": list(adamw.betas), "weight_decay": adamw.weight_decay}
+
+
+def _adamw_of(attr: dict[str, Any] | None) -> AdamWReference | None:
+    return None if attr is None else AdamWReference(lr=attr["lr"], betas=tuple(attr["betas"]),  # type: ignore[arg-type]
+                                                    weight_decay=attr["weight_decay"])
+
+
+def _mismatch(name: str, url: str, old: dict[str, Any], attrs: dict[str, Any]) -> str | None:
+    """Why the study ``name`` (user attrs ``old``) cannot take this run's trials (``attrs``), or None. Attrs an
+    earlier release did not write are not compared."""
+    where = f"study {name!r} in {url}"
+    fix = "use another --study-name, or rerun with the study's own"
+    if "optimizer" in old and old["optimizer"] != attrs["optimizer"]:
+        return f"{where} was made for optimizer {old['optimizer']} (this run: {attrs['optimizer']}); {fix} --optimizer"
+    if "model_identity" in old and old["model_identity"] != attrs["model_identity"]:
+        same = Path(str(old.get("model"))).resolve() == Path(attrs["model"]).resolve()
+        then = f"{old.get('model')} as it was then (it has changed since)" if same else \
+            f"another model file, {old.get('model')} (this run: {attrs['model']})"
+        return f"{where} was made for {then}; its trials do not compare with this model's: {fix} model file"
+    if "trainable_parameters" in old and old["trainable_parameters"] != attrs["trainable_parameters"]:
+        return (f"{where} was made for a model with {old['trainable_parameters']:,} trainable parameters, "
+                f"{old.get('model')} (this run: {attrs['trainable_parameters']:,}, {attrs['model']}); {fix} model")
+    if "trial_settings" in old and old["trial_settings"] != attrs["trial_settings"]:
+        return (f"{where} was made for trial settings {old['trial_settings']} (this run: {attrs['trial_settings']}); "
+                f"{fix} settings")
+    if "adamw" in old and old["adamw"] != attrs["adamw"]:
+        made, now = (adamw_options(_adamw_of(v)) or "no --adam-lr" for v in (old["adamw"], attrs["adamw"]))
+        return (f"{where} was made with {made} (this run: {now}): the transfer sets the learning-rate range and "
+                f"convention of its trials; {fix} --adam-* options")
+    return None
 
 
 def _set_note(study: optuna.Study, name: str, settings: SearchSettings) -> str | None:
@@ -831,13 +889,9 @@ def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, 
                           "--study-name and --storage, or run with --trials N to start it")
     if existing:
         study = optuna.load_study(study_name=name, storage=ref.storage, sampler=sampler, pruner=pruner)
-        old = study.user_attrs
-        for key, what in (("optimizer", "optimizer"), ("trainable_parameters", "model"),
-                          ("trial_settings", "trial settings")):
-            if key in old and old[key] != attrs[key]:
-                raise ConfigError(
-                    f"study {name!r} in {ref.url} was made for {what} {old[key]} (this run: {attrs[key]}); "
-                    f"use another --study-name, or rerun with the study's own settings")
+        why = _mismatch(name, ref.url, study.user_attrs, attrs)
+        if why is not None:
+            raise ConfigError(why)
         return study
     study = optuna.create_study(storage=ref.storage, study_name=name, direction="minimize", sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
@@ -1183,9 +1237,12 @@ def _own_settings(settings: SearchSettings, name: str) -> tuple[SearchSettings, 
                           "nothing); check --storage, or run with --trials N to start the study")
     ref = open_storage(settings.storage, workers=settings.workers)
     try:
-        stored = ref.storage.get_study_user_attrs(ref.storage.get_study_id_from_name(name)).get("trial_settings")
+        attrs = ref.storage.get_study_user_attrs(ref.storage.get_study_id_from_name(name))
     except KeyError:  # no such study: open_study says so
         return settings, ref
+    if "adamw" in attrs:  # the fallback AdamW groups of its configs, for --seeds re-runs
+        settings = dataclasses.replace(settings, adamw=_adamw_of(attrs["adamw"]))
+    stored = attrs.get("trial_settings")
     if not isinstance(stored, dict):
         return settings, ref
     own = dataclasses.replace(settings, **{k: stored[k] for k in TRIAL_SETTINGS if k in stored})

@@ -775,10 +775,69 @@ def test_the_resume_hint_selects_the_study_again_and_trials_0_shows_it_with_its_
     assert other.exit_code == 2 and "trial settings" in other.stderr  # adding trials still needs them
 
 
-def test_a_timeout_that_ends_the_run_is_named_as_the_reason(tmp_path):
+def test_the_resume_hint_carries_the_transfer_the_sets_and_the_sampler(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "-o", "muon", "--steps", "4", "--batch-size", "4",
+                                "--trials", "1", "--storage", url, "--adam-lr", "3e-3", "--set", "ns_steps=4",
+                                "--set", "momentum=0.9", "--sampler", "random", "--pruner", "none"])
+    assert first.exit_code == 0, first.output
+    hint = first.stderr.split("(resume: ", 1)[1].split(")", 1)[0]
+    assert hint.endswith("--adam-lr 0.003 --adam-betas 0.9,0.999 --adam-weight-decay 0.01 --set ns_steps=4 "
+                         "--set momentum=0.9 --sampler random --pruner none"), hint
+    again = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "1", *hint.split()])
+    assert again.exit_code == 0 and "note:" not in again.stderr, again.output  # the same search, no --set note
+    shown = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "-o", "muon", "--trials", "0", "--storage", url,
+                                "--study-name", "mlp-muon", "--json"])
+    assert shown.exit_code == 0, shown.output  # showing takes the study's own transfer too
+    assert json.loads(shown.stdout)["trials"]["complete"] == 2
+
+
+@pytest.mark.parametrize("change", ["another file of the same name", "the file edited", "no --adam-lr",
+                                    "another --adam-lr"])
+def test_a_study_refuses_trials_of_another_model_or_transfer_and_is_left_untouched(tmp_path, monkeypatch, change):
+    """The default study name is FILE-OPTIMIZER: another model file of that name, or the same one edited, would
+    add trials that do not compare; so would another transfer (it sets Muon's learning-rate convention)."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "mlp.py"
+    model.write_text((EXAMPLES / "mlp.py").read_text())
+    base = ["tune", "mlp.py", "-o", "muon", "--steps", "3", "--batch-size", "4", "--trials", "1"]
+    first = runner.invoke(app, [*base, "--adam-lr", "3e-3"])
+    assert first.exit_code == 0, first.output
+    copy = tmp_path / "copy" / "mlp.py"  # the same contents elsewhere (another machine's checkout) is the same model
+    copy.parent.mkdir()
+    copy.write_text(model.read_text())
+    same = runner.invoke(app, ["tune", str(copy), *base[2:], "--adam-lr", "3e-3"])
+    assert same.exit_code == 0, same.output
+    def contents():
+        storage = f"sqlite:///{tmp_path / 'precondtune-studies.db'}"
+        study = optuna.load_study(study_name="mlp-muon", storage=storage)
+        return study.user_attrs, [(t.number, t.state, t.params) for t in study.trials]
+
+    snapshot = contents()
+    args, needle = {
+        "another file of the same name": ([str(copy), *base[2:], "--adam-lr", "3e-3"], "another model file"),
+        "the file edited": (["mlp.py", *base[2:], "--adam-lr", "3e-3"], "as it was then (it has changed since)"),
+        "no --adam-lr": (base[1:], "was made with --adam-lr 0.003 --adam-betas 0.9,0.999 --adam-weight-decay 0.01 "
+                                   "(this run: no --adam-lr)"),
+        "another --adam-lr": ([*base[1:], "--adam-lr", "1e-2"], "(this run: --adam-lr 0.01"),
+    }[change]
+    if change == "another file of the same name":
+        copy.write_text(copy.read_text().replace("manual_seed(7)", "manual_seed(8)"))
+    if change == "the file edited":
+        model.write_text(model.read_text() + "# edited\n")
+    r = runner.invoke(app, ["tune", *args])
+    assert r.exit_code == 2 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "use another --study-name" in r.stderr
+    assert contents() == snapshot
+
+
+@pytest.mark.parametrize("json_", [[], ["--json"]])
+def test_a_timeout_that_ends_the_run_is_named_as_the_reason(tmp_path, json_):
     r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--steps", "3", "--trials", "3", "--timeout", "0",
-                            "--storage", f"sqlite:///{tmp_path / 's.db'}"])
-    assert "no trial completed; --timeout ended the run" in r.stderr
+                            "--storage", f"sqlite:///{tmp_path / 's.db'}", *json_])
+    assert r.exit_code == 1 and "no trial completed; --timeout ended the run" in r.stderr
+    if json_:  # the reason for exit 1 is on stderr with --json too; stdout is the one document
+        assert json.loads(r.stdout)["best"]["value"] is None
     assert "wait for the next run: --timeout ended the run first" in r.stderr
 
 

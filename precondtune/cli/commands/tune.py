@@ -101,15 +101,21 @@ def _render(r: SearchResult, top: int, timed_out: bool = False) -> None:
                        f"{c['pruned']} pruned, {c['failed']} failed", columns, rows,
                        caption=f"storage {r.storage}; pruning saved {r.steps_saved_by_pruning} of "
                                f"{r.steps * (c['pruned'] + c['complete'])} steps"))
-    if r.best_value is None:
-        why = "; --timeout ended the run" if timed_out else ""
-        stderr.print(f"no trial completed{why}{'; first failure: ' + r.first_failure if r.first_failure else ''}",
-                     highlight=False, markup=False, soft_wrap=True)
-    else:
+    if r.best_value is not None:
         what = f"seed median eval loss {r.best_value:.4f}" if r.seed_runs else f"eval loss {r.best_value:.4f}"
         stdout.print(f"best: trial {r.best_trial}, {what}: "
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in (r.best_hyperparameters or {}).items()),
                      highlight=False, soft_wrap=True, markup=False)
+    _notes(r, timed_out)
+
+
+def _notes(r: SearchResult, timed_out: bool) -> None:
+    """On stderr, with or without --json: why no trial completed (exit 1), and warm starts left in the queue."""
+    c = r.counts
+    if r.best_value is None:
+        why = "; --timeout ended the run" if timed_out else ""
+        stderr.print(f"no trial completed{why}{'; first failure: ' + r.first_failure if r.first_failure else ''}",
+                     highlight=False, markup=False, soft_wrap=True)
     if c.get("waiting"):
         why = "--timeout ended the run first" if timed_out else "--trials was smaller than the queue"
         if is_memory_url(r.storage):
@@ -181,9 +187,11 @@ def command(
             result = run_search(mf, settings, progress=progress, on_study=on_study)
         if csv:
             write_text_atomic(csv, result.frame.to_csv(index=False))
+        timed_out = timeout is not None and sum(result.new.values()) < trials
         if json_:
             emit_json(result.as_json(top))
+            _notes(result, timed_out)
         else:
-            _render(result, top, timed_out=timeout is not None and sum(result.new.values()) < trials)
+            _render(result, top, timed_out=timed_out)
         if result.best_value is None and trials > 0:
             raise typer.Exit(1)
