@@ -1146,7 +1146,10 @@ def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None =
             continue
         ua, measured = t.user_attrs, _measured(t)
         row: dict[str, Any] = {
-            "number": t.number, "state": t.state.name, "value": t.value,
+            # value: the eval loss, of complete trials only (Optuna gives a pruned trial its last report, a mean
+            # training loss, as its value: that is last_report here)
+            "number": t.number, "state": t.state.name, "value": t.value if t.state == TrialState.COMPLETE else None,
+            "last_report": t.value if t.state == TrialState.PRUNED else None,
             "reason": pruned_reason_of(t) or ua.get("fail_reason") or (STOPPED if t.state == TrialState.FAIL
                                                                         else ""),
             "enqueued": ua.get("enqueued", ""), "steps_run": measured.get("steps_run"),
@@ -1161,8 +1164,9 @@ def trials_frame(study: optuna.Study, seed_runs: dict[int, list[float]] | None =
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return pd.DataFrame(columns=["number", "state", "value", "reason"])
-    key = frame["seed_median"].fillna(math.inf) if "seed_median" in frame else frame["value"]
+        return pd.DataFrame(columns=["number", "state", "value", "last_report", "reason"])
+    key = frame["seed_median"].fillna(math.inf) if "seed_median" in frame else \
+        frame["value"].astype(float).fillna(frame["last_report"].astype(float))
     order = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2}
     return (frame.assign(_s=frame["state"].map(order).fillna(3), _k=key)
             .sort_values(["_s", "_k", "number"]).drop(columns=["_s", "_k"]).reset_index(drop=True))

@@ -285,7 +285,8 @@ def test_set_fixes_a_knob_and_enqueue_warm_starts_come_first(tmp_path, monkeypat
 
 def _outcome(r):
     f = r.frame
-    return sorted(zip(f["number"], f["state"], f["steps_run"], f["value"].fillna(-1.0), f["reason"]))
+    return sorted(zip(f["number"], f["state"], f["steps_run"], f["value"].fillna(-1.0), f["last_report"].fillna(-1.0),
+                      f["reason"]))
 
 
 def test_completed_snapshot_prunes_exactly_like_the_median_pruner(tiny_model, monkeypatch):
@@ -645,6 +646,9 @@ def test_json_top_follows_top_and_shows_pruned_trials_with_reasons(tiny_model, t
     assert states == sorted(states, key=["COMPLETE", "PRUNED", "FAIL"].index)
     pruned = [row for row in doc["top"] if row["state"] == "PRUNED"]
     assert pruned and all(row["reason"].startswith("diverged") for row in pruned)
+    # value is an eval loss, which a pruned trial does not have; where it stopped is its last_report
+    assert all(row["value"] is None for row in pruned)
+    assert all(row["last_report"] is None for row in doc["top"] if row["state"] == "COMPLETE")
 
 
 def _children(pid):
