@@ -66,7 +66,8 @@ OUTPUT_NAMES = ("recommended.yaml", "recommended.json", "report.md", "results.cs
                 "loss_curves.png", "search_history.png")
 """Every file ``write_outputs`` may write into the output directory."""
 MIN_RANK_STEPS = 5
-"""An optimizer whose equal-time budget is below this many steps is ranked on this many (and says so)."""
+"""An optimizer whose equal-time budget is below this many steps is still ranked on its budget, never more (that
+would hand it time AdamW did not get), with a note that so short a run says little."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -482,9 +483,14 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         steps = settings.steps
         if settings.rank_by == "time" and budget and c.step_seconds and c is not adamw:
             steps = int(budget / c.step_seconds)
-            if steps < MIN_RANK_STEPS:
-                c.note = f"fits only {steps} steps into AdamW's time; ranked on {MIN_RANK_STEPS}"
-                steps = MIN_RANK_STEPS
+            if steps < 1:
+                c.status = "too slow"
+                c.note = (f"not one step ({c.step_seconds:.3g} s) fits into AdamW's {budget:.3g} s; "
+                          "plan --rank-by steps compares it at equal steps")
+                continue
+            if steps < min(MIN_RANK_STEPS, settings.steps):
+                c.note = (f"fits only {steps} of AdamW's {settings.steps} steps' time: ranked on {steps}, a short "
+                          "run that says little; --rank-by steps compares at equal steps")
             steps = min(steps, 2 * settings.steps)
         c.rank_steps = steps
         runs = _rank_run(mf, settings, c, steps, device)

@@ -391,6 +391,33 @@ def test_timing_passes_that_disagree_are_pointed_out(tmp_path, monkeypatch):
     assert "uncertain" not in (tmp_path / "q" / "report.md").read_text()
 
 
+@pytest.mark.parametrize("slower, steps, status", [(3.0, 2, "ranked"), (100.0, None, "too slow")])
+def test_equal_wall_clock_never_hands_an_optimizer_more_steps_than_adamw_s_time(tmp_path, monkeypatch, slower, steps,
+                                                                                 status):
+    """adam-mini timed `slower` x AdamW's step: it is ranked on the steps that fit into AdamW's 8 steps' time (or,
+    when not one does, not ranked), never on more."""
+    from precondtune import plan as plan_module
+
+    real, adamw = plan_module.measure_step_times, {}
+
+    def timed(*a, **k):  # AdamW is timed first (it leads -o): its first time holds, adam-mini's follows it
+        m = real(*a, **k)
+        seconds = adamw.setdefault("s", m.amortized_step_seconds)
+        return dataclasses.replace(m, amortized_step_seconds=seconds * (1.0 if a[1] == "adamw" else slower))
+
+    monkeypatch.setattr(plan_module, "measure_step_times", timed)
+    r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), "-o", "adamw,adam-mini", *TINY, "--storage", "memory",
+                            "--out", str(tmp_path / "r"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {o["name"]: o for o in json.loads(r.stdout)["optimizers"]}
+    assert rows["adamw"]["rank_steps"] == 8
+    assert rows["adam-mini"]["status"] == status and rows["adam-mini"]["rank_steps"] == steps, rows["adam-mini"]
+    if steps is None:
+        assert rows["adam-mini"]["median_eval_loss"] is None and "not one step" in rows["adam-mini"]["note"]
+    else:
+        assert f"ranked on {steps}" in rows["adam-mini"]["note"]
+
+
 def test_a_model_file_rejected_at_the_first_stage_leaves_no_storage_behind(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.py").write_text("def build_model():\n    raise ValueError('bad width 0')\n")
