@@ -25,6 +25,16 @@ def test_profiles_present_with_sources():
             assert fig.value > 0 and len(fig.source) > 10
 
 
+def test_every_profile_reads_its_datasheet_gb_as_gib():
+    """One unit for all: "80GB" is 80 GiB, "141GB" is 141 GiB (141e9 bytes put the H200 9 GiB below what it has)."""
+    import re
+
+    for name, prof in profiles().items():
+        gb = re.search(r"(\d+)\s*GB", prof.title) or re.search(r"(\d+)\s*GB", prof.memory_bytes.source)
+        assert gb, name
+        assert prof.memory_bytes.value == int(gb.group(1)) << 30, (name, prof.memory_bytes.value)
+
+
 @pytest.mark.parametrize("spelling", ["h100", "H100-SXM-80GB", "h100_sxm_80gb", "NVIDIA H100 SXM5"])
 def test_forgiving_names(spelling):
     assert resolve_profile(spelling).name == "h100-sxm-80gb"
