@@ -31,6 +31,7 @@ import optuna
 import pandas as pd
 
 from . import optim as po
+from .dtypes import parse_dtype
 from .errors import ConfigError, PrecondtuneError
 from .flops import flops_report, measure_step_times
 from .hardware import resolve_profile
@@ -161,6 +162,8 @@ class PlanResult:
     command: str = ""
     timing_warning: str | None = None
     """Set when the two timing passes disagreed (:func:`measure_side_by_side`)."""
+    dtype_note: str | None = None
+    """Set when ``--param-dtype``/``--state-dtype`` differ from what the searches trained (:func:`_dtype_note`)."""
 
     @property
     def by_name(self) -> dict[str, Candidate]:
@@ -335,6 +338,20 @@ def decide(candidates: list[Candidate]) -> tuple[str | None, str]:
                      f"within the seed spread ({noise:.4f}): not a real difference, so AdamW stays")
 
 
+def _dtype_note(settings: PlanSettings, model: Any) -> str | None:
+    """What ``--param-dtype``/``--state-dtype`` change: the memory plan only. The searches, timings and ranking
+    train the model as its file builds it, each optimizer keeping its state in the parameters' dtype."""
+    own = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    asked = [(opt, v) for opt, v in (("--param-dtype", settings.param_dtype), ("--state-dtype", settings.state_dtype))
+             if v]
+    if not asked or (len(asked) == 1 and asked[0][0] == "--param-dtype" and own == [
+            str(parse_dtype(asked[0][1])).removeprefix("torch.")]):
+        return None
+    return (f"memory is planned with {' '.join(f'{o} {v}' for o, v in asked)}; the searches, step timings and "
+            f"ranking train the model as its file builds it ({', '.join(own)} parameters, optimizer state in the "
+            "same dtype): build it in the planned dtype in the model file for those to match")
+
+
 def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = None,
          log: Log | None = None) -> PlanResult:
     """Run the whole pipeline on ``mf`` (see the module docstring)."""
@@ -380,7 +397,11 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     for c in candidates:
         c.cost = costs.get(c.name)
 
-    infos = inventory(mf.build())
+    built = mf.build()
+    infos = inventory(built)
+    dtype_note = _dtype_note(settings, built) if not prof.meta else None
+    if dtype_note:
+        log("note: " + dtype_note)
     for c in candidates:
         if c.name != "adamw" and not any(a.spec.name == c.name for a in po.route(c.name, infos)):
             c.status = "not applicable"
@@ -413,7 +434,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
                           reason + ("" if fitting else "; " + nothing), meta, time.perf_counter() - t0)
     if not fitting:
         return PlanResult(mf, settings, prof, memory, flops, candidates, None, None, nothing, meta,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, dtype_note=dtype_note)
 
     storage = storage_url(settings.storage)
     log("4/5 searches" + ("" if is_memory_url(storage) else
@@ -503,7 +524,7 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
     progress("ranking runs", len(searched), len(searched))
     winner, reason = decide(candidates)
     return PlanResult(mf, settings, prof, memory, flops, candidates, storage, winner, reason, meta,
-                      time.perf_counter() - t0, timing_warning=timing_warning)
+                      time.perf_counter() - t0, timing_warning=timing_warning, dtype_note=dtype_note)
 
 
 def recommended_config(result: PlanResult) -> dict[str, Any]:

@@ -186,11 +186,13 @@ def markdown(result: PlanResult, files: dict[str, Path]) -> str:
     lines += ["## Ranking", "", _table(
         ["optimizer", "median eval loss", "seed spread", "steps", "step time (ms)", "status", "best hyperparameters"],
         [[("**" + c.name + "**") if c.name == result.winner else c.name, _num(c.median),
-          _num(c.spread if c.median is not None else None),
+          _num(c.spread if c.median is not None and len(c.rank_losses) > 1 else None),  # one seed: unmeasured
           c.rank_steps or "-", _num(c.step_seconds * 1e3 if c.step_seconds else None, ".1f"), _status(c),
           _hp(c.hyperparameters)] for c in ranked]), ""]
     if result.timing_warning:
         lines += [f"**Warning:** {result.timing_warning}.", ""]
+    if result.dtype_note:
+        lines += [f"**Note:** {result.dtype_note}.", ""]
     if "loss_plot" in files:
         lines += ["![loss curves](loss_curves.png)", ""]
 

@@ -418,6 +418,21 @@ def test_equal_wall_clock_never_hands_an_optimizer_more_steps_than_adamw_s_time(
         assert f"ranked on {steps}" in rows["adam-mini"]["note"]
 
 
+def test_a_planned_dtype_the_searches_do_not_train_in_is_said_and_one_seed_has_no_spread(tmp_path):
+    quick = ["-o", "adamw", "--trials", "1", "--steps", "2", "--seeds", "1", "--batch-size", "4", "--device", "cpu",
+             "--storage", "memory"]
+    r = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), *quick, "--param-dtype", "bf16",
+                            "--out", str(tmp_path / "r")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "note: memory is planned with --param-dtype bf16; the searches" in r.stdout
+    assert "(float32 parameters" in (tmp_path / "r" / "report.md").read_text()
+    row = next(line for line in r.stdout.splitlines() if "adamw" in line and "ranked" in line)
+    assert "0.0000" not in row  # the seed spread of one seed is unmeasured, not zero
+    same = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), *quick, "--param-dtype", "fp32", "--json",
+                               "--out", str(tmp_path / "s")])
+    assert same.exit_code == 0 and json.loads(same.stdout)["dtype_note"] is None, same.output
+
+
 def test_a_model_file_rejected_at_the_first_stage_leaves_no_storage_behind(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.py").write_text("def build_model():\n    raise ValueError('bad width 0')\n")

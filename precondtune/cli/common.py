@@ -157,7 +157,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]], *, caption: str
         if k == 0:  # names (optimizers, GPU profiles) are typed back as options: never cut, other columns wrap
             t.add_column(c, justify="left", no_wrap=True, min_width=max((len(str(r[0])) for r in rows), default=0))
         else:
-            t.add_column(c, justify="right")
+            t.add_column(c, justify="right", overflow="fold")  # a long token (a URL) folds, never "…"
     for r in rows:
         t.add_row(*(str(x) for x in r))
     return t

@@ -82,7 +82,8 @@ def _render(doc: dict) -> None:
                "✓" if o["fits"] else "✗", human_bytes(o["headroom_bytes"])]
         if "max batch" in columns:
             found = o.get("max_batch_size")
-            row.append("-" if found is None else f"≥ {found:,}" if found >= MAX_BATCH_LIMIT else f"{found:,}")
+            row.append("-" if found is None else "none (not 1)" if found == 0
+                       else f"≥ {found:,}" if found >= MAX_BATCH_LIMIT else f"{found:,}")
         rows.append(row)
     first = doc["optimizers"][0]["bytes"] if doc["optimizers"] else None
     master = f" + {human_bytes(first['master_weights'])} fp32 master copy" if first and first["master_weights"] else ""

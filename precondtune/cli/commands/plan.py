@@ -125,6 +125,7 @@ def command(
                            for c in result.candidates],
             "seconds": result.seconds,
             "timing_warning": result.timing_warning,
+            "dtype_note": result.dtype_note,
         }
         if json_:
             emit_json(doc)
@@ -134,10 +135,12 @@ def command(
                                                        "peak memory", "status"],
                                [[c.name + (" ★" if c.name == result.winner else ""),
                                  "-" if c.median is None else f"{c.median:.4f}",
-                                 f"{c.spread:.4f}" if c.rank_losses else "-", c.rank_steps or "-",
+                                 f"{c.spread:.4f}" if len(c.rank_losses) > 1 else "-", c.rank_steps or "-",
                                  human_bytes(c.memory["bytes"]["total_peak"]), c.status] for c in rows]))
             if result.timing_warning:
                 stdout.print(f"warning: {result.timing_warning}", highlight=False, markup=False, soft_wrap=True)
+            if result.dtype_note:
+                stdout.print(f"note: {result.dtype_note}", highlight=False, markup=False, soft_wrap=True)
             if result.winner:
                 stdout.print(f"recommended: [bold]{result.winner}[/bold] — {escape(result.reason)}", highlight=False)
             else:
