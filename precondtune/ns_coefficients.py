@@ -167,6 +167,8 @@ class Report:
     public_band: tuple[float, float]
     observed: tuple[float, float]
     public_observed: tuple[float, float]
+    notes: tuple[str, ...] = ()
+    """What the bands do not show: a --lower no checked matrix can have, a band far from 1."""
 
     def as_json(self) -> dict[str, object]:
         s = self.schedule
@@ -175,7 +177,7 @@ class Report:
                 "public_quintic": list(ns.PUBLIC_QUINTIC), "public_band": list(self.public_band),
                 "observed": {"dtype": self.dtype, "band": list(self.observed),
                              "public_band": list(self.public_observed), "shapes": [list(x) for x in SHAPES]},
-                "hyperparameters": s.hyperparameters(self.dtype)}
+                "hyperparameters": s.hyperparameters(self.dtype), "notes": list(self.notes)}
 
     def recommended_config(self) -> dict[str, object]:
         """A schema-1 recommended config for Muon with this schedule (``precondtune.build_optimizer`` loads it)."""
@@ -193,10 +195,25 @@ def report(steps: int, lower: float, *, dtype: str = "bf16", headroom: float | N
     name = dtype_name(parse_dtype(dtype))
     if name not in HEADROOM:
         raise ConfigError(f"--dtype {dtype}: Muon's Newton–Schulz runs in {' or '.join(HEADROOM)}")
+    if lower >= 2 ** -0.5:  # the k singular values of a unit-Frobenius matrix: the smallest is at most 1/sqrt(k)
+        raise ConfigError(f"--lower {lower}: no matrix of rank 2 or more, normalised to unit Frobenius norm as Muon "
+                          "does, has every singular value at or above 1/√2 ≈ 0.707; allowed: (0, 0.707), e.g. 1e-3")
     sched = design(steps, lower, headroom=HEADROOM[name] if headroom is None else headroom)
+    notes = []
+    rank = min(min(shape) for shape in SHAPES)
+    if lower > rank ** -0.5:
+        notes.append(f"no rank-{rank} matrix normalised to unit Frobenius norm has every singular value at or above "
+                     f"{lower:g} (the smallest is at most 1/√{rank} ≈ {rank ** -0.5:.3f}), so the observed matrices, "
+                     "like real gradients, reach below --lower, where the exact band promises nothing; for weight "
+                     f"matrices use --lower {rank ** -0.5:.2g} or less")
+    lo, hi = sched.band
+    if lo < 0.5 or hi > 1.5:
+        notes.append(f"{steps} step(s) cannot bring every singular value in [{lower:g}, 1] near 1 (band [{lo:.4f}, "
+                     f"{hi:.4f}]): raise --steps or --lower")
     return Report(
         schedule=sched, dtype=name,
         public_band=ns.singular_value_band(ns.PUBLIC_QUINTIC, steps, lower),
         observed=observed_band(sched.coefficients, steps, lower, dtype=name, seed=seed),
         public_observed=observed_band(ns.PUBLIC_QUINTIC, steps, lower, dtype=name, seed=seed),
+        notes=tuple(notes),
     )

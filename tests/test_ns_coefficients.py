@@ -120,10 +120,24 @@ def test_cli_writes_a_muon_config_that_trains(tmp_path):
     assert all(not torch.equal(b, p) and torch.isfinite(p).all() for b, p in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("args", [["--lower", "2"], ["--lower", "abc"], ["--steps", "0"], ["--headroom", "3"]])
+@pytest.mark.parametrize("args", [["--lower", "2"], ["--lower", "abc"], ["--steps", "0"], ["--headroom", "3"],
+                                  ["--lower", "0.98"]])  # no unit-Frobenius matrix of rank >= 2 has all sigma >= 0.98
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args):
     out = tmp_path / "ns.yaml"
     r = runner.invoke(app, ["ns-coefficients", *args, "--out", str(out)])
     assert r.exit_code == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lower", "0.5"], "reach below --lower"),  # possible for rank 2, not for the weight-sized check matrices
+    (["--steps", "1"], "1 step(s) cannot bring every singular value in [0.001, 1] near 1"),
+    (["--lower", "1e-12"], "raise --steps or --lower"),
+    ([], None),  # the defaults: nothing to note
+])
+def test_what_the_band_does_not_show_is_noted(args, needle):
+    r = runner.invoke(app, ["ns-coefficients", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    notes = json.loads(r.stdout)["notes"]
+    assert (notes == []) if needle is None else any(needle in n for n in notes), notes

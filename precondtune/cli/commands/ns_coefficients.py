@@ -76,5 +76,7 @@ def command(
                                           "on random matrices with normalised singular values in [lower, 0.99]")))
         stdout.print("muon hyperparameters: ns_steps: " + str(s.steps) + ", ns_coefficients: "
                      + str([[round(x, 6) for x in c] for c in s.coefficients]), highlight=False, soft_wrap=True)
+        for note in rep.notes:
+            stdout.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
         if written:
             stdout.print(f"wrote {written}", highlight=False)
