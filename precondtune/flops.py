@@ -458,8 +458,11 @@ def flops_report(mf: ModelFile, optimizers: str | list[str] = "all", *, batch_si
     names = po.resolve_names(optimizers)
     _check_unit("--mfu", mfu)
     _check_unit("--mbu", mbu)
-    matmul_dtype = dtype_name(parse_dtype(matmul_dtype))
     profile = resolve_profile(gpu) if gpu else None
+    try:
+        matmul_dtype = dtype_name(parse_dtype(matmul_dtype))
+    except ConfigError:
+        raise ConfigError(f"--matmul-dtype {matmul_dtype}: unknown dtype; valid: bf16, fp16, fp32") from None
     if profile is not None and matmul_dtype not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"--matmul-dtype {matmul_dtype}: GPU profiles give peaks for bf16/fp16 and fp32 matmuls; "
                           "use one of those")
