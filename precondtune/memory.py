@@ -365,6 +365,11 @@ class MemoryPlanner:
         if s.checkpoint_blocks and not self.m.blocks:
             notes.append("--checkpoint-blocks: the model has no repeated blocks (an nn.ModuleList of identical "
                          "children), so nothing was checkpointed")
+        if s.master_weights and not self.master:
+            notes.append("--master-weights: the parameters are already fp32, so there is no master copy to count "
+                         "(it applies with --param-dtype bf16/fp16)")
+        if s.bucket_view and not (s.sharding == "none" and s.world_size > 1):
+            notes.append("--bucket-view changes nothing here: it applies to DDP (--sharding none, --world-size > 1)")
 
         hooked = any(a.spec.make is not None for a in assignments)
         traced = self.step(name, hp, routing, hooked)

@@ -118,3 +118,16 @@ def test_a_model_without_parameters_is_one_line_exit_2(tmp_path, command):
 def test_an_infinite_reserve_is_rejected():
     r = runner.invoke(app, ["memory", str(EXAMPLES / "mlp.py"), "--reserve-gb", "inf"])
     assert r.exit_code == 2 and "finite" in r.output
+
+
+@pytest.mark.parametrize("args, needle, applies", [
+    (["--master-weights"], "--master-weights: the parameters are already fp32", False),
+    (["--master-weights", "--param-dtype", "bf16"], "--master-weights", True),
+    (["--bucket-view"], "--bucket-view changes nothing here", False),
+    (["--bucket-view", "--world-size", "2"], "--bucket-view", True),
+])
+def test_an_option_that_changes_nothing_for_this_model_says_so(args, needle, applies):
+    r = runner.invoke(app, ["memory", MLP, "-o", "adamw", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    notes = " ".join(json.loads(r.stdout)["optimizers"][0]["notes"])
+    assert (needle in notes) != applies, notes
