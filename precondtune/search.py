@@ -873,6 +873,21 @@ def _set_note(study: optuna.Study, name: str, settings: SearchSettings) -> str |
             "sampler history (another --study-name keeps the searches apart)")
 
 
+def _scale_note(obj: Objective) -> str | None:
+    """A note when ``--set scale=…`` changes the learning-rate convention the searched lr range was made for: the
+    range follows the base config (Muon's own defaults, or the ``--adam-*`` transfer's convention)."""
+    if "scale" not in obj.fixed_fields or "lr" in obj.fixed_fields or "lr" in obj.fixed_params:
+        return None
+    base = obj.base or obj.spec.default_config()
+    scale = obj.fixed_fields["scale"]
+    if getattr(base, "scale", scale) == scale:
+        return None
+    lr = obj.knobs.params.get("lr")
+    where = f" ({_describe(lr)})" if lr is not None else ""
+    return (f"--set scale={scale}: the searched lr range{where} was made for scale={base.scale}, where the same lr "
+            f"moves the weights differently; pass --adam-lr (scale=match_rms_adamw takes AdamW's lr) or --set lr=…")
+
+
 def open_study(ref: StorageRef, name: str, attrs: dict[str, Any], sampler: Any, pruner: Any, *,
                create: bool = True) -> optuna.Study:
     """Load ``name`` (checking it was made for this optimizer, model and trial settings) or, with ``create``,
@@ -1291,7 +1306,8 @@ def run_search(mf: ModelFile, settings: SearchSettings, *, progress: ProgressFn 
     study.sampler = make_sampler(settings.sampler, _sampler_seed(settings.seed, 0, len(before), ref.url),
                                  settings.trials, shared=is_shared(ref, settings.workers))
     if on_study is not None:
-        on_study(name, ref.url, resume_options(settings), _set_note(study, name, settings))
+        notes = [n for n in (_set_note(study, name, settings), _scale_note(obj)) if n]
+        on_study(name, ref.url, resume_options(settings), "; ".join(notes) or None)
     if settings.trials > 0:  # --trials 0 shows the study as it is and adds nothing to it
         _enqueue_warm_starts(study, obj, settings)
 

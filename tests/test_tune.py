@@ -891,3 +891,11 @@ def test_a_list_value_without_brackets_says_how_to_write_one():
     r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "--trials", "0", "--storage", "memory",
                             "--set", "betas=0.9"])
     assert r.exit_code == 2 and "betas=0.9 must be a list like [0.9, 0.999]" in r.stderr
+
+
+@pytest.mark.parametrize("extra, noted", [([], True), (["--adam-lr", "3e-3"], False), (["--set", "lr=0.001"], False)])
+def test_a_set_scale_outside_the_lr_range_s_convention_is_pointed_out(extra, noted):
+    r = runner.invoke(app, ["tune", str(EXAMPLES / "mlp.py"), "-o", "muon", "--set", "scale=match_rms_adamw", *extra,
+                            "--steps", "3", "--batch-size", "4", "--trials", "1", "--storage", "memory"])
+    assert r.exit_code == 0, r.output
+    assert ("was made for scale=original" in r.stderr) == noted, r.stderr
