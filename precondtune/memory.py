@@ -368,6 +368,10 @@ class MemoryPlanner:
         if s.master_weights and not self.master:
             notes.append("--master-weights: the parameters are already fp32, so there is no master copy to count "
                          "(it applies with --param-dtype bf16/fp16)")
+        if self.cast == torch.float16 and not s.master_weights:
+            notes.append("--param-dtype fp16 without --master-weights: pure float16 weights do not train with the "
+                         "bundled optimizers (their float16 state over- or underflows); plan fp16 training with "
+                         "--autocast fp16, or --param-dtype fp16 --master-weights")
         if s.bucket_view and not (s.sharding == "none" and s.world_size > 1):
             notes.append("--bucket-view changes nothing here: it applies to DDP (--sharding none, --world-size > 1)")
 

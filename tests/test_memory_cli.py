@@ -125,6 +125,8 @@ def test_an_infinite_reserve_is_rejected():
     (["--master-weights", "--param-dtype", "bf16"], "--master-weights", True),
     (["--bucket-view"], "--bucket-view changes nothing here", False),
     (["--bucket-view", "--world-size", "2"], "--bucket-view", True),
+    (["--param-dtype", "fp16"], "pure float16 weights do not train", False),
+    (["--param-dtype", "fp16", "--master-weights"], "pure float16 weights do not train", True),
 ])
 def test_an_option_that_changes_nothing_for_this_model_says_so(args, needle, applies):
     r = runner.invoke(app, ["memory", MLP, "-o", "adamw", *args, "--json"])
