@@ -444,7 +444,9 @@ def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = N
         study = _study_name(settings, mf, c.name, fixed[c.name], enqueue[c.name])
         missing = max(0, settings.trials - _finished_trials(storage, study))
         desc = f"search {k + 1}/{len(ordered)}: {c.name}"
-        log(f"{desc} — {missing} new trial(s)" + (" (resuming)" if missing < settings.trials else ""))
+        upto = f"up to {missing} new trial(s) in --timeout {settings.timeout:g} s" if settings.timeout is not None \
+            else f"{missing} new trial(s)"
+        log(f"{desc} — {upto}" + (" (resuming)" if missing < settings.trials else ""))
         s = SearchSettings(optimizer=c.name, trials=missing, steps=settings.steps, batch_size=settings.batch_size,
                            storage=storage, study_name=study, workers=settings.workers, timeout=settings.timeout,
                            seeds=1, adamw=settings.adamw, device=settings.device, seed=settings.seed,
