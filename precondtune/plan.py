@@ -31,7 +31,7 @@ import optuna
 import pandas as pd
 
 from . import optim as po
-from .dtypes import parse_dtype
+from .dtypes import dtype_name, parse_dtype
 from .errors import ConfigError, PrecondtuneError
 from .flops import flops_report, measure_step_times
 from .hardware import resolve_profile
@@ -50,6 +50,7 @@ from .search import (
     fallback_routing,
     interrupted,
     is_memory_url,
+    model_identity,
     open_storage,
     parse_assignments,
     run_search,
@@ -221,9 +222,7 @@ def _study_name(settings: PlanSettings, mf: ModelFile, name: str, fixed: tuple[s
     optimizer's ``--set``/``--enqueue`` items — so a rerun reuses a study only when they all match (an edited model
     file, a different one called model.py, or a changed ``--set``, starts its own study)."""
     prefix = settings.study_prefix or f"plan-{mf.name}"
-    path = Path(mf.path).resolve()
-    content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
-    key = json.dumps([str(path), content, mf.factory_name, settings.adamw and dataclasses.asdict(
+    key = json.dumps([str(Path(mf.path).resolve()), model_identity(mf), settings.adamw and dataclasses.asdict(
         settings.adamw), sorted(fixed), sorted(enqueue)], default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{prefix}-{name}-s{settings.steps}-b{settings.batch_size}-seed{settings.seed}-{digest}"
@@ -341,15 +340,14 @@ def decide(candidates: list[Candidate]) -> tuple[str | None, str]:
 def _dtype_note(settings: PlanSettings, model: Any) -> str | None:
     """What ``--param-dtype``/``--state-dtype`` change: the memory plan only. The searches, timings and ranking
     train the model as its file builds it, each optimizer keeping its state in the parameters' dtype."""
-    own = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-    asked = [(opt, v) for opt, v in (("--param-dtype", settings.param_dtype), ("--state-dtype", settings.state_dtype))
-             if v]
-    if not asked or (len(asked) == 1 and asked[0][0] == "--param-dtype" and own == [
-            str(parse_dtype(asked[0][1])).removeprefix("torch.")]):
+    own = {p.dtype for p in model.parameters()}
+    if settings.state_dtype is None and (settings.param_dtype is None or own == {parse_dtype(settings.param_dtype)}):
         return None
-    return (f"memory is planned with {' '.join(f'{o} {v}' for o, v in asked)}; the searches, step timings and "
-            f"ranking train the model as its file builds it ({', '.join(own)} parameters, optimizer state in the "
-            "same dtype): build it in the planned dtype in the model file for those to match")
+    asked = " ".join(f"{opt} {v}" for opt, v in (("--param-dtype", settings.param_dtype),
+                                                   ("--state-dtype", settings.state_dtype)) if v)
+    return (f"memory is planned with {asked}; the searches, step timings and ranking train the model as its file "
+            f"builds it ({', '.join(sorted(map(dtype_name, own)))} parameters, optimizer state in the same dtype): "
+            "build it in the planned dtype in the model file for those to match")
 
 
 def plan(mf: ModelFile, settings: PlanSettings, *, progress: Progress | None = None,

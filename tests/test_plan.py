@@ -425,7 +425,7 @@ def test_a_planned_dtype_the_searches_do_not_train_in_is_said_and_one_seed_has_n
                             "--out", str(tmp_path / "r")], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "note: memory is planned with --param-dtype bf16; the searches" in r.stdout
-    assert "(float32 parameters" in (tmp_path / "r" / "report.md").read_text()
+    assert "(fp32 parameters" in (tmp_path / "r" / "report.md").read_text()
     row = next(line for line in r.stdout.splitlines() if "adamw" in line and "ranked" in line)
     assert "0.0000" not in row  # the seed spread of one seed is unmeasured, not zero
     same = runner.invoke(app, ["plan", str(EXAMPLES / "mlp.py"), *quick, "--param-dtype", "fp32", "--json",
